@@ -1,0 +1,142 @@
+"""The backbone table and the frozen trunk: one place that knows each torchvision model.
+
+A `Trunk` takes RGB in [0, 1] and applies its weights' own normalisation, so the exported ONNX
+graph carries the preprocessing and nothing downstream re-implements it. It cuts the model at a
+named graph node with torchvision's feature extraction (no slicing by index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from extract import UserError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    builder: Callable[..., nn.Module]
+    weights: models.WeightsEnum  # the ImageNet weights `--weights imagenet` loads
+    default_layer: str  # graph node to cut at
+    default_channels: int  # channels at `default_layer`
+
+
+BACKBONES: dict[str, Backbone] = {
+    # features: conv5_3 + its max-pool -> 512 x 7 x 6 at 245 x 200
+    "vgg16": Backbone(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "features", 512),
+    # layer4: the last residual stage -> 2048 x 8 x 7 at 245 x 200
+    "resnet50": Backbone(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "layer4", 2048),
+}
+RANDOM_INIT_SEED = 0
+
+
+class WeightsUnavailable(UserError, RuntimeError):
+    """The requested weights cannot be had; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """Everything needed to rebuild the very same trunk; stored in caches, checkpoints, ONNX."""
+
+    backbone: str
+    layer: str
+    weights: str  # "imagenet", "none" or a path to a state dict
+    weights_id: str  # the torchvision enum name, "random-init seed N", or "sha256:<hex>"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def resolve(cls, backbone: str, layer: str | None, weights: str) -> TrunkSpec:
+        if backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+        entry = BACKBONES[backbone]
+        if weights == "imagenet":
+            weights_id = f"{type(entry.weights).__name__}.{entry.weights.name}"
+        elif weights == "none":
+            weights_id = f"random-init seed {RANDOM_INIT_SEED}"
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise WeightsUnavailable(f"weights file {path} does not exist "
+                                         "(--weights takes imagenet, none or a state-dict path)")
+            weights_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        transform = entry.weights.transforms()
+        return cls(backbone, layer or entry.default_layer, weights, weights_id,
+                   tuple(transform.mean), tuple(transform.std))
+
+
+class Trunk(nn.Module):
+    """Frozen conv trunk: image (N, 3, H, W) RGB in [0, 1] -> feature map (N, C, h, w)."""
+
+    def __init__(self, spec: TrunkSpec):
+        super().__init__()
+        self.spec = spec
+        model = _build(spec)
+        nodes = get_graph_node_names(model)[1]
+        if spec.layer not in nodes and not any(n.startswith(spec.layer + ".") for n in nodes):
+            raise UserError(f"{spec.backbone} has no node {spec.layer!r}; some of its nodes: "
+                             f"{', '.join(n for n in nodes if n.count('.') <= 1)}")
+        self.body = create_feature_extractor(model, {spec.layer: "features"})
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body((image - self.mean) / self.std)["features"]
+
+    def output_shape(self, input_size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the feature map for an (H, W) input, found by one forward pass."""
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, *input_size, device=self.mean.device)
+            return tuple(self(probe).shape[1:])
+
+
+def _build(spec: TrunkSpec) -> nn.Module:
+    entry = BACKBONES[spec.backbone]
+    if spec.weights == "none":
+        # a fixed seed makes "none" one particular trunk, rebuilt identically on resume and export
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return entry.builder(weights=None)
+    model = entry.builder(weights=None)
+    if spec.weights == "imagenet":
+        try:
+            state = entry.weights.get_state_dict(progress=True, check_hash=True)
+        except Exception as error:  # no network, a proxy, a corrupt download: say what to do
+            raise WeightsUnavailable(
+                f"cannot get the ImageNet weights of {spec.backbone} ({entry.weights.url}): "
+                f"{error}. Put the file in {Path(torch.hub.get_dir()) / 'checkpoints'}, or pass "
+                "--weights PATH (a local state dict) or --weights none (random init)"
+            ) from None
+    else:
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file {path} does not exist")
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != spec.weights_id:
+            raise WeightsUnavailable(
+                f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise WeightsUnavailable(f"weights {spec.weights} do not fit {spec.backbone}: "
+                                 f"{str(error).splitlines()[0]}") from None
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda where there is one, else cpu; `cuda` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
