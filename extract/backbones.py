@@ -72,6 +72,13 @@ class TrunkSpec:
                    tuple(transform.mean), tuple(transform.std))
 
 
+    @classmethod
+    def from_metadata(cls, meta: dict) -> TrunkSpec:
+        """The spec recorded in a cache's (or a checkpoint's) metadata."""
+        return cls(meta["backbone"], meta["layer"], meta["weights"], meta["weights_id"],
+                   tuple(meta["mean"]), tuple(meta["std"]))
+
+
 class Trunk(nn.Module):
     """Frozen conv trunk: image (N, 3, H, W) RGB in [0, 1] -> feature map (N, C, h, w)."""
 

@@ -1,0 +1,133 @@
+"""`python -m head.export`: trunk(s) + head of a run -> one self-contained ONNX file.
+
+The trunk is rebuilt from the cache metadata in the checkpoint (the same weights, checked by
+name, seed or sha256) and refused if its feature map no longer has the cached shape. The file
+carries its own description in `metadata_props` (what `python -m infer` reads), and is checked
+against eager torch in ONNX Runtime at two batch sizes before it is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import onnx
+import torch
+
+from extract import UserError, logger, user_errors
+from extract.backbones import Trunk, TrunkSpec
+from head.model import TLLNet, load_checkpoint
+
+PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime vs eager torch
+PARITY_BATCHES = (1, 7)
+PROJECT_VERSION = "0.1.0"
+
+
+def build_network(checkpoint_path: Path) -> tuple[TLLNet, dict]:
+    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU)."""
+    head, checkpoint = load_checkpoint(checkpoint_path)
+    cache = checkpoint["cache"]
+    spec = TrunkSpec.from_metadata(cache)
+    trunk = Trunk(spec)
+    shape = trunk.output_shape(tuple(cache["input_size"]))
+    if tuple(shape) != tuple(cache["feature_shape"]):
+        raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but the "
+                        f"head was trained on {tuple(cache['feature_shape'])}")
+    return TLLNet([trunk], head).eval(), checkpoint
+
+
+def describe(checkpoint: dict) -> dict[str, str]:
+    """The metadata_props of the exported file: everything `infer` needs to use it."""
+    cache, config = checkpoint["cache"], checkpoint["train_config"]
+    return {
+        "tll_version": PROJECT_VERSION,
+        "backbone": cache["backbone"],
+        "layer": cache["layer"],
+        "weights": cache["weights"],
+        "weights_id": cache["weights_id"],
+        "input_size": json.dumps(list(cache["input_size"])),  # [H, W]
+        "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
+        "head_config": json.dumps(checkpoint["head_config"]),
+        "dataset_fingerprint": cache["dataset_fingerprint"],
+        "val_fraction": str(config["val_fraction"]),
+        "split_seed": str(config["seed"]),
+        "val_metrics": json.dumps(checkpoint.get("metrics") or {}),
+        "best_epoch": str(checkpoint["best_epoch"]),
+    }
+
+
+def main(run: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:
+    """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx)."""
+    run = Path(run)
+    checkpoint_path = run / "head.pt"
+    if not checkpoint_path.is_file():
+        raise UserError(f"{run} has no head.pt; pass the folder `python -m head.train` wrote")
+    out = Path(out) if out else run / "model.onnx"
+    net, checkpoint = build_network(checkpoint_path)
+    height, width = checkpoint["cache"]["input_size"]
+    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    logger.info("export %s (%s) -> %s", run, checkpoint["cache"]["backbone"], out)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.chmod(0o644)  # mkstemp makes it private; the model is an ordinary output file
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's own chatter
+            program = torch.onnx.export(
+                net, (example,), input_names=["image"], output_names=["embedding"],
+                opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+            )
+        model = program.model_proto
+        for key, value in describe(checkpoint).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save_model(model, tmp)
+        check_parity(net, tmp, (height, width))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
+    """Run the file in ONNX Runtime (CPU) and eager torch at batch 1 and 7; refuse a mismatch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(1)
+    for batch in PARITY_BATCHES:
+        images = torch.rand(batch, 3, *input_size, generator=generator)
+        with torch.no_grad():
+            expected = net(images).numpy()  # (batch, D)
+        got = session.run(["embedding"], {"image": images.numpy()})[0]
+        difference = float(np.abs(got - expected).max())
+        logger.info("parity at batch %d: max abs difference %.2e", batch, difference)
+        if got.shape != expected.shape or not difference <= PARITY_TOLERANCE:
+            raise UserError(f"the exported model disagrees with torch at batch {batch}: max abs "
+                            f"difference {difference:.2e} > {PARITY_TOLERANCE:.0e}; not written")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--run", type=click.Path(path_type=Path), required=True,
+              help="Run folder written by `python -m head.train` (holds head.pt).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="ONNX file [default: <run>/model.onnx].")
+@click.option("--opset", type=click.IntRange(min=17), default=18)
+def cli(**options) -> None:
+    """Export the trunk and trained head of a run to one ONNX model, checked against torch."""
+    with user_errors():
+        path = main(**options)
+    click.echo(path)
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m head.export")

@@ -1,0 +1,44 @@
+"""The cosine triplet loss with in-batch negatives, as a pure function of embeddings.
+
+Distance D(x, y) = 1 - cos(x, y). Row i of `anchors` (a left) pairs with row i of `positives`
+(its right); every other row j of `positives` is a negative for anchor i, so a batch of B pairs
+gives each anchor B - 1 negatives and embeds each feature map once.
+Triplet value: max(0, D(a_i, p_i) - D(a_i, p_j) + margin).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEGATIVES = ("all", "hard", "semihard")
+
+
+def cosine_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float = 0.2,
+                        negatives: str = "all") -> torch.Tensor:
+    """Mean triplet value over the selected triplets whose value is above zero (0 if none).
+
+    Selected negatives per anchor: `all` every j != i; `hard` the one nearest the anchor;
+    `semihard` those farther than the positive but within the margin,
+    D(a_i, p_i) < D(a_i, p_j) < D(a_i, p_i) + margin. Averaging over the violating triplets
+    only keeps the gradient from fading as most triplets become easy.
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"unknown negatives {negatives!r}; choose from {NEGATIVES}")
+    batch = anchors.shape[0]
+    distance = 1 - anchors @ positives.T  # (B, B): anchor i to positive j
+    positive = distance.diagonal().unsqueeze(1)  # (B, 1)
+    is_negative = ~torch.eye(batch, dtype=torch.bool, device=anchors.device)  # (B, B)
+    if negatives == "hard":
+        nearest = distance.masked_fill(~is_negative, float("inf")).argmin(dim=1)  # (B,)
+        selected = torch.zeros_like(is_negative)
+        selected[torch.arange(batch), nearest] = True
+        selected &= is_negative
+    elif negatives == "semihard":
+        selected = is_negative & (distance > positive) & (distance < positive + margin)
+    else:
+        selected = is_negative
+    values = (positive - distance + margin).clamp(min=0)  # (B, B)
+    violating = selected & (values > 0)
+    if not violating.any():
+        return values.sum() * 0  # zero, still attached to the graph
+    return values[violating].mean()

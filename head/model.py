@@ -1,0 +1,127 @@
+"""The head, all of it, and `TLLNet`, the whole network that is exported.
+
+Head: for each trunk's feature map, attention -> max-pool to a fixed grid -> flatten; the
+flattened maps are concatenated -> one fully connected layer -> L2-normalised embedding. It takes
+one feature map per trunk, so several caches can later feed one model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTIONS = ("spatial", "channel", "none")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    feature_shapes: tuple[tuple[int, int, int], ...]  # (C, h, w) of each trunk's feature map
+    embedding_dim: int = 256
+    pool: int = 2  # max-pool each map to a pool x pool grid
+    attention: str = "spatial"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTIONS}")
+        object.__setattr__(self, "feature_shapes",
+                           tuple(tuple(int(n) for n in shape) for shape in self.feature_shapes))
+
+
+class SpatialAttention(nn.Module):
+    """Weights each spatial position by a learned importance in (0, 1)."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        self.score = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(),
+                                   nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
+        return x * torch.sigmoid(self.score(x))  # weights (B, 1, h, w)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: weights each channel by a learned importance in (0, 1)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(),
+                                   nn.Linear(channels // reduction, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
+        weights = torch.sigmoid(self.score(x.mean(dim=(2, 3))))  # (B, C)
+        return x * weights[:, :, None, None]
+
+
+def grid_bins(size: int, cells: int) -> list[tuple[int, int]]:
+    """[start, end) of each cell along one axis, the same bins as torch's adaptive pooling."""
+    return [(math.floor(i * size / cells), math.ceil((i + 1) * size / cells)) for i in range(cells)]
+
+
+class GridMaxPool(nn.Module):
+    """Adaptive max-pool to a fixed grid, as static slices + amax.
+
+    AdaptiveMaxPool2d exports to ONNX only where the grid divides the map; static slices export
+    everywhere and give the same numbers.
+    """
+
+    def __init__(self, height: int, width: int, cells: int):
+        super().__init__()
+        self.rows, self.cols = grid_bins(height, cells), grid_bins(width, cells)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
+        pooled = [x[:, :, r0:r1, c0:c1].amax(dim=(2, 3))
+                  for r0, r1 in self.rows for c0, c1 in self.cols]  # cells x (B, C)
+        return torch.stack(pooled, dim=2)  # (B, C, cells * cells)
+
+
+class Head(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        attention = {"spatial": SpatialAttention, "channel": ChannelAttention,
+                     "none": lambda channels: nn.Identity()}[config.attention]
+        self.branches = nn.ModuleList(
+            nn.Sequential(attention(c), GridMaxPool(h, w, config.pool), nn.Flatten())
+            for c, h, w in config.feature_shapes
+        )
+        flat = sum(c * config.pool ** 2 for c, _, _ in config.feature_shapes)
+        self.fc = nn.Linear(flat, config.embedding_dim)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:  # each (B, C_i, h_i, w_i)
+        flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
+                         dim=1)  # (B, sum C_i * pool^2)
+        return F.normalize(self.fc(flat), dim=1)  # (B, D), unit norm
+
+
+class TLLNet(nn.Module):
+    """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm."""
+
+    def __init__(self, trunks: list[nn.Module], head: Head):
+        super().__init__()
+        self.trunks = nn.ModuleList(trunks)
+        self.head = head
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(*[trunk(image) for trunk in self.trunks])
+
+
+def save_checkpoint(path: Path, head: Head, **description) -> None:
+    """A checkpoint that describes itself: the head's config and weights plus `description`
+    (the caches' metadata, the training config, the best epoch). Written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.cpu() for k, v in head.state_dict().items()}
+    torch.save({"head_config": asdict(head.config), "state_dict": state, **description}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
+    """Rebuild the head from the checkpoint file alone; returns it (eval mode) and the file."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    head = Head(HeadConfig(**checkpoint["head_config"]))
+    head.load_state_dict(checkpoint["state_dict"])
+    return head.eval(), checkpoint

@@ -1,0 +1,276 @@
+"""`python -m head.train`: train the head on a feature cache, in seconds.
+
+The train images' feature maps are loaded once into one tensor (on the GPU when training
+there) and batches are gathered from it by index. Every epoch is validated on the seeded split
+laid out like the Kaggle test; the frozen trunk's own score (global-average-pooled features,
+cosine) is printed first, so each run shows the head's lift over it. The run folder
+``runs/<name>/`` holds head.pt (the best epoch by validation top-2), config.json,
+metrics.jsonl and curves.png; it appears only once training has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from extract import UserError, logger, user_errors
+from extract.backbones import resolve_device
+from extract.cache import CacheInfo, read_features, read_info
+from extract.data import read_dataset, validation_split
+from head.loss import NEGATIVES, cosine_triplet_loss
+from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
+from infer.scoring import candidate_scores, ranking_metrics, score_matrix
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    name: str
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    margin: float = 0.2
+    embedding_dim: int = 256
+    pool: int = 2
+    attention: str = "spatial"
+    negatives: str = "all"
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class CachedSplit:
+    """The train images' feature maps in memory and the pairs and queries as row indices."""
+
+    features: torch.Tensor  # (N, C, h, w) float16, every train image once
+    train_left: torch.Tensor  # (P,) rows of each training pair's left
+    train_right: torch.Tensor  # (P,) rows of its right
+    val_images: torch.Tensor  # (M,) rows of every image the validation queries use
+    val_queries: np.ndarray  # (Q,) positions in val_images of each query's left
+    val_candidates: np.ndarray  # (Q, 20) positions in val_images of its candidates
+    val_truth: np.ndarray  # (Q,) index of the true candidate
+
+
+def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_fraction: float,
+               seed: int, device: torch.device) -> CachedSplit:
+    dataset = read_dataset(dataset_path or info.dataset)
+    if dataset.fingerprint() != info.dataset_fingerprint:
+        raise UserError(f"{cache} was built from another dataset than {dataset.root} (the image "
+                        "lists differ); extract a cache for this dataset first")
+    pairs, queries = validation_split(dataset, val_fraction, seed)
+    keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
+                  | {f"train/right/{right}" for _, right in dataset.train_pairs})
+    row = {key: i for i, key in enumerate(keys)}
+    features = torch.from_numpy(read_features(cache, keys)).to(device)
+    val_keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
+    position = {key: i for i, key in enumerate(val_keys)}
+    return CachedSplit(
+        features=features,
+        train_left=torch.tensor([row[f"train/left/{left}"] for left, _ in pairs], device=device),
+        train_right=torch.tensor([row[f"train/right/{right}"] for _, right in pairs],
+                                 device=device),
+        val_images=torch.tensor([row[key] for key in val_keys], dtype=torch.long, device=device),
+        val_queries=np.array([position[q.left] for q in queries], dtype=np.int64),
+        val_candidates=np.array([[position[c] for c in q.candidates] for q in queries],
+                                dtype=np.int64).reshape(len(queries), -1),
+        val_truth=np.array([q.truth for q in queries], dtype=np.int64),
+    )
+
+
+def evaluate(embeddings: np.ndarray, split: CachedSplit) -> dict[str, float]:
+    """Validation figures from unit embeddings (M, D) of the validation images."""
+    scores = score_matrix(embeddings[split.val_queries], embeddings)  # (Q, M)
+    return ranking_metrics(candidate_scores(scores, split.val_candidates), split.val_truth)
+
+
+@torch.no_grad()
+def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: int) -> np.ndarray:
+    head.eval()
+    out = [head(features[rows[i:i + batch_size]].float())
+           for i in range(0, len(rows), batch_size)]  # each (b, D)
+    return torch.cat(out).cpu().numpy()
+
+
+def frozen_baseline(split: CachedSplit) -> dict[str, float]:
+    """The trunk alone: global-average-pooled feature maps compared by cosine."""
+    pooled = split.features[split.val_images].float().mean(dim=(2, 3))  # (M, C)
+    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), split)
+
+
+def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit,
+                config: TrainConfig, epoch: int, generator: torch.Generator) -> float:
+    head.train()
+    order = torch.randperm(len(split.train_left), generator=generator).to(
+        split.features.device)
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    batches = [b for b in batches if len(b) > 1]  # a lone pair has no in-batch negative
+    total = 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
+    for number, batch in enumerate(bar, start=1):
+        anchors = head(split.features[split.train_left[batch]].float())  # (B, D)
+        positives = head(split.features[split.train_right[batch]].float())  # (B, D)
+        loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
+        if not torch.isfinite(loss):
+            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {number}; "
+                            "try a lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(len(batches), 1)
+
+
+def main(cache: str | Path, name: str | None = None, data: str | Path | None = None,
+         runs_dir: str | Path = DEFAULT_RUNS_DIR, **options) -> Path:
+    """Train a head on `cache`; returns the run folder. `options` are TrainConfig's fields."""
+    cache = Path(cache)
+    info = read_info(cache)
+    name = name or f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = TrainConfig(cache=str(cache), name=name, **options)
+    if config.negatives not in NEGATIVES or config.attention not in ATTENTIONS:
+        raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}")
+    device = resolve_device(config.device)
+    logger.info("train %s on %s (%s %s, weights %s) on %s", name, cache, info.backbone,
+                info.layer, info.weights_id, device)
+    logger.info("config %s", json.dumps(asdict(config)))
+    split = load_split(cache, info, Path(data) if data else None, config.val_fraction,
+                       config.seed, device)
+    has_val = len(split.val_truth) > 0
+    baseline = frozen_baseline(split) if has_val else None
+    if baseline:
+        logger.info("frozen trunk (pooled, cosine) on %d validation queries: top-1 %.3f "
+                    "top-2 %.3f MRR %.3f", len(split.val_truth), baseline["top1"],
+                    baseline["top2"], baseline["mrr"])
+
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    head_config = HeadConfig(feature_shapes=(info.feature_shape,),
+                             embedding_dim=config.embedding_dim, pool=config.pool,
+                             attention=config.attention)
+    head = Head(head_config).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
+    work.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary output    try:
+        history = []
+        best = None
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            loss = train_epoch(head, optimizer, split, config, epoch, generator)
+            metrics = evaluate(embed(head, split.features, split.val_images,
+                                     config.batch_size), split) if has_val else {}
+            record = {"epoch": epoch, "loss": loss, **metrics,
+                      "seconds": time.perf_counter() - started}
+            history.append(record)
+            with open(work / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            logger.info("epoch %2d  loss %.4f%s  (%.1f s)", epoch, loss,
+                        "".join(f"  {k} {metrics[k]:.3f}" for k in metrics), record["seconds"])
+            if best is None or not has_val or metrics["top2"] > best["top2"]:
+                best = record
+                save_checkpoint(work / "head.pt", head, cache=asdict(info),
+                                train_config=asdict(config), best_epoch=epoch, metrics=metrics,
+                                baseline=baseline)
+        summary = {"config": asdict(config), "cache": asdict(info), "baseline": baseline,
+                   "best": best}
+        (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(history, baseline, work / "curves.png")
+        run = runs_dir / name
+        if run.exists():
+            shutil.rmtree(run)
+        work.rename(run)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log_summary(history, baseline, best)
+    return run
+
+
+def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [r["loss"] for r in history], marker="o")
+    left.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
+    if baseline:
+        right.plot(epochs, [r["top2"] for r in history], marker="o", label="head")
+        right.axhline(baseline["top2"], color="grey", linestyle="--", label="frozen trunk")
+        right.set(xlabel="epoch", ylabel="top-2 accuracy", title="validation top-2")
+        right.legend()
+    else:
+        right.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_summary(history: list[dict], baseline: dict | None, best: dict) -> None:
+    columns = [c for c in ("top1", "top2", "mrr") if c in best]
+    lines = ["epoch   loss    " + "".join(f"{c:>7}" for c in columns)]
+    if baseline:
+        lines.append("frozen  -       " + "".join(f"{baseline[c]:7.3f}" for c in columns))
+    for r in history:
+        mark = "  <- kept" if r is best else ""
+        lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} "
+                     + "".join(f"{r[c]:7.3f}" for c in columns) + mark)
+    logger.info("summary\n%s", "\n".join(lines))
+
+
+_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--cache", type=click.Path(path_type=Path), required=True,
+              help="Feature cache written by `python -m extract`.")
+@click.option("--name", default=None, help="Run folder name [default: <cache>-<time>].")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Dataset folder [default: the one the cache was built from].")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=DEFAULT_RUNS_DIR)
+@click.option("--epochs", type=click.IntRange(min=1), default=_defaults["epochs"])
+@click.option("--batch-size", type=click.IntRange(min=2), default=_defaults["batch_size"],
+              help="Pairs per batch; each anchor gets batch-size - 1 in-batch negatives.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_defaults["lr"])
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=_defaults["weight_decay"])
+@click.option("--margin", type=click.FloatRange(min=0), default=_defaults["margin"])
+@click.option("--embedding-dim", type=click.IntRange(min=1), default=_defaults["embedding_dim"])
+@click.option("--pool", type=click.IntRange(min=1), default=_defaults["pool"],
+              help="Max-pool each feature map to a pool x pool grid.")
+@click.option("--attention", type=click.Choice(ATTENTIONS), default=_defaults["attention"])
+@click.option("--negatives", type=click.Choice(NEGATIVES), default=_defaults["negatives"],
+              help="In-batch negatives: all, the hardest, or the semi-hard ones.")
+@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=_defaults["val_fraction"],
+              help="Train pairs held out for validation (0: train on all, keep the last epoch).")
+@click.option("--seed", type=int, default=_defaults["seed"])
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_defaults["device"])
+def cli(**options) -> None:
+    """Train the attention / max-pool / FC head with a cosine triplet loss on a feature cache."""
+    with user_errors():
+        run = main(**options)
+    click.echo(run)
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m head.train")

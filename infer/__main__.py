@@ -1,0 +1,3 @@
+from infer.predict import cli
+
+cli(prog_name="python -m infer")

@@ -1,0 +1,490 @@
+"""Stage 1, `python -m extract`: the cache it writes (schema, contents against a brute-force
+recomputation), reuse and refusal of an existing cache, resuming after a kill or Ctrl-C, and the
+clean errors a user gets for bad images, a missing folder and unavailable weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from conftest import REPO_ROOT
+
+from extract.backbones import Trunk, TrunkSpec, WeightsUnavailable
+from extract.cache import CacheError, CacheInfo, CacheWriter, read_features, read_info, read_keys
+from extract.data import DataError, load_image, read_dataset
+from extract.extract_features import cli, default_cache_path, main
+
+SIZE = (64, 64)
+CHANNELS = {"vgg16": 512, "resnet50": 2048}
+DEFAULT_LAYER = {"vgg16": "features", "resnet50": "layer4"}
+
+
+def extract(data: Path, out: Path, backbone: str = "resnet50", **options) -> Path:
+    """`main` with the small, fast settings these tests use unless told otherwise."""
+    settings = dict(weights="none", input_size=SIZE, batch_size=8, workers=0, device="cpu")
+    return main(backbone, data, out=out, **{**settings, **options})
+
+
+def invoke(*arguments: str):
+    result = CliRunner().invoke(cli, list(arguments))
+    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
+    return result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def brute_force(spec: TrunkSpec, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """The trunk run by hand, image by image, on what `load_image` gives."""
+    trunk = Trunk(spec)
+    with torch.inference_mode():
+        return np.concatenate([
+            trunk(torch.from_numpy(load_image(path, size))[None]).numpy() for path in paths
+        ])
+
+
+@pytest.fixture(scope="module")
+def caches(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One complete cache per backbone at 64 x 64 over the small synthetic set; read-only."""
+    folder = tmp_path_factory.mktemp("caches")
+    return {name: extract(synthetic, folder / f"{name}.h5", name) for name in CHANNELS}
+
+
+@pytest.fixture
+def resnet_cache(caches: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the resnet50 cache."""
+    return Path(shutil.copy(caches["resnet50"], tmp_path / "x.h5"))
+
+
+@pytest.fixture(scope="module")
+def state_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet50 state dict of random weights other than the `--weights none` ones."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50-seed123.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    return path
+
+
+# --- the cache that is written -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_cache_schema_and_contents(caches: dict[str, Path], synthetic: Path,
+                                   backbone: str) -> None:
+    path = caches[backbone]
+    dataset = read_dataset(synthetic)
+    keys = dataset.keys()
+    spec = TrunkSpec.resolve(backbone, None, "none")
+    feature_shape = Trunk(spec).output_shape(SIZE)
+    assert feature_shape[0] == CHANNELS[backbone]
+
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"{b}.h5" for b in CHANNELS)
+    with h5py.File(path, "r") as file:
+        assert set(file) == {"keys", "features", "done"}
+        assert [k.decode() for k in file["keys"][:]] == keys
+        assert h5py.check_string_dtype(file["keys"].dtype).encoding == "utf-8"
+        assert file["features"].dtype == np.float16
+        assert file["features"].shape == (len(keys), *feature_shape)
+        assert file["features"].chunks is None  # contiguous
+        assert file["done"].dtype == np.uint8
+        assert file["done"].shape == (len(keys),)
+        assert (file["done"][:] == 1).all()
+        attrs = dict(file.attrs)
+        features = file["features"][:]
+
+    complete = attrs.pop("complete")
+    assert isinstance(complete, bool | np.bool_) and complete
+    expected = {
+        "schema_version": 1, "backbone": backbone, "layer": DEFAULT_LAYER[backbone],
+        "weights": "none", "weights_id": "random-init seed 0", "input_size": list(SIZE),
+        "feature_shape": list(feature_shape), "mean": list(spec.mean), "std": list(spec.std),
+        "dtype": "float16", "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+        "dataset": str(synthetic.resolve()), "dataset_fingerprint": dataset.fingerprint(),
+    }
+    assert set(attrs) == set(expected)
+    for name, value in expected.items():
+        stored = attrs[name]
+        stored = stored.tolist() if isinstance(stored, np.ndarray) else stored
+        if name in ("mean", "std"):
+            assert stored == pytest.approx(value), name
+        else:
+            assert stored == value, name
+    assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert spec.std == pytest.approx((0.229, 0.224, 0.225))
+
+    info = read_info(path)
+    assert info.backbone == backbone and info.layer == DEFAULT_LAYER[backbone]
+    assert info.input_size == SIZE and info.feature_shape == feature_shape
+    assert info.dataset_fingerprint == dataset.fingerprint()
+    assert read_keys(path) == keys
+
+    # the stored rows are the trunk's output for those very images
+    assert np.isfinite(features).all()
+    assert features.std() > 0
+    rows = [0, 1, 41, 63, len(keys) - 1]
+    reference = brute_force(spec, [dataset.images[keys[r]] for r in rows], SIZE)
+    np.testing.assert_allclose(features[rows].astype(np.float32), reference, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(features[0], features[1])  # different images, different features
+
+
+def test_vgg16_layer_before_last_pool(synthetic: Path, tmp_path: Path) -> None:
+    dataset = read_dataset(synthetic)
+    out = extract(synthetic, tmp_path / "x.h5", "vgg16", layer="features.29", batch_size=44)
+    assert out == tmp_path / "x.h5"
+    info = read_info(out)
+    assert info.layer == "features.29"
+    assert info.feature_shape == (512, 4, 4)
+    keys = dataset.keys()
+    features = read_features(out, keys[:2])
+    assert features.shape == (2, 512, 4, 4)
+    reference = brute_force(TrunkSpec.resolve("vgg16", "features.29", "none"),
+                            [dataset.images[k] for k in keys[:2]], SIZE)
+    np.testing.assert_allclose(features.astype(np.float32), reference, rtol=1e-2, atol=1e-2)
+    assert reference.min() >= 0  # after conv5_3's ReLU
+
+
+def test_default_cache_name_says_what_is_in_it() -> None:
+    spec = TrunkSpec.resolve("vgg16", "features.29", "none")
+    assert default_cache_path(spec, (245, 200)) == Path("cache/vgg16-features.29-none.h5")
+    assert default_cache_path(spec, (64, 32)) == Path("cache/vgg16-features.29-none-64x32.h5")
+
+
+# --- reuse, refusal, overwrite ------------------------------------------------------------------
+
+
+def test_rerun_on_complete_cache_does_nothing(synthetic: Path, resnet_cache: Path) -> None:
+    before = (sha256(resnet_cache), resnet_cache.stat().st_mtime_ns)
+    assert extract(synthetic, resnet_cache) == resnet_cache
+    assert (sha256(resnet_cache), resnet_cache.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in resnet_cache.parent.iterdir()) == ["x.h5"]
+
+
+MISMATCHES = {
+    "layer": (["--layer", "layer3"], "layer"),
+    "input-size": (["--input-size", "32", "32"], "input_size"),
+    "backbone": (["--backbone", "vgg16"], "backbone"),
+}
+
+
+@pytest.mark.parametrize(("options", "field"), MISMATCHES.values(), ids=MISMATCHES.keys())
+def test_cli_refuses_cache_built_for_something_else(synthetic: Path, resnet_cache: Path,
+                                                    options: list[str], field: str) -> None:
+    before = sha256(resnet_cache)
+    arguments = ["--backbone", "resnet50", "--data", str(synthetic), "--out", str(resnet_cache),
+                 "--weights", "none", "--input-size", "64", "64", "--workers", "0",
+                 "--device", "cpu"]
+    result = invoke(*arguments, *options)  # a later option overrides an earlier one
+    assert result.exit_code == 1, result.text
+    assert "Error:" in result.text and "Traceback" not in result.text
+    assert "--overwrite" in result.text
+    assert field in result.text
+    assert sha256(resnet_cache) == before
+    assert not resnet_cache.with_name("x.h5.partial").exists()
+
+
+def test_refuses_other_weights_and_other_dataset(synthetic: Path, dataset_copy: Path,
+                                                 resnet_cache: Path, state_dict: Path) -> None:
+    before = sha256(resnet_cache)
+    with pytest.raises(CacheError, match="weights_id.*--overwrite"):
+        extract(synthetic, resnet_cache, weights=str(state_dict))
+    image = sorted((dataset_copy / "train" / "left").iterdir())[3]
+    with image.open("ab") as handle:
+        handle.write(b"\0\0")  # the same images, one of them changed
+    with pytest.raises(CacheError, match="dataset_fingerprint.*--overwrite"):
+        extract(dataset_copy, resnet_cache)
+    assert sha256(resnet_cache) == before
+
+
+def test_overwrite_rebuilds(synthetic: Path, resnet_cache: Path) -> None:
+    out = extract(synthetic, resnet_cache, input_size=(32, 32), overwrite=True)
+    assert out == resnet_cache
+    info = read_info(out)
+    assert info.input_size == (32, 32)
+    assert info.feature_shape == (2048, 1, 1)
+    with h5py.File(out, "r") as file:
+        assert file["features"].shape == (88, 2048, 1, 1)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.h5"]
+
+
+# --- resuming after a kill or Ctrl-C ------------------------------------------------------------
+
+RESUME_OPTIONS = dict(input_size=SIZE, batch_size=4)
+
+
+def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "extract", "--backbone", "resnet50", "--weights", "none",
+               "--data", str(data), "--out", str(out), "--input-size", "64", "64",
+               "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the child
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
+
+
+def done_rows(partial: Path) -> int | None:
+    """How many rows a cache in progress has done, or None while it cannot be read."""
+    try:
+        with h5py.File(partial, "r", locking=False) as file:
+            return int(file["done"][:].sum())
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def interrupt_midway(process: subprocess.Popen, partial: Path, total: int, sig: int) -> None:
+    """Send `sig` once a few rows are done but well before all are."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None, "the extraction ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no progress within 180 s"
+        done = done_rows(partial) if partial.exists() else None
+        if done is not None and 8 <= done < total:
+            break
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def resume_reference(synthetic_resume: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted extraction with the same settings as the interrupted ones."""
+    out = tmp_path_factory.mktemp("reference") / "reference.h5"
+    return extract(synthetic_resume, out, **RESUME_OPTIONS)
+
+
+def assert_same_cache(path: Path, reference: Path) -> None:
+    with h5py.File(path, "r") as file, h5py.File(reference, "r") as expected:
+        for name in ("keys", "done", "features"):
+            assert file[name].dtype == expected[name].dtype
+            assert file[name].shape == expected[name].shape
+        assert file["keys"][:].tolist() == expected["keys"][:].tolist()
+        assert file["done"][:].tobytes() == expected["done"][:].tobytes()
+        assert file["features"][:].tobytes() == expected["features"][:].tobytes()
+        assert dict(file.attrs).keys() == dict(expected.attrs).keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_resume_after_interruption(synthetic_resume: Path, resume_reference: Path,
+                                   tmp_path: Path, sig: int) -> None:
+    total = len(read_dataset(synthetic_resume).keys())
+    out = tmp_path / "x.h5"
+    partial = tmp_path / "x.h5.partial"
+    log = tmp_path / "first.log"
+
+    process = start_extract(synthetic_resume, out, log)
+    try:
+        interrupt_midway(process, partial, total, sig)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text()
+    assert not out.exists(), output
+    assert partial.exists()
+    done = done_rows(partial)
+    assert done is not None and 0 < done < total, (done, output)
+    if sig == signal.SIGINT:
+        assert process.returncode == 1, output
+        assert "Error:" in output and "resume" in output
+        assert "Traceback" not in output
+    else:
+        assert process.returncode == -signal.SIGKILL
+
+    process = start_extract(synthetic_resume, out, tmp_path / "second.log")
+    assert process.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
+    output = (tmp_path / "second.log").read_text()
+    assert f"{total - done} of {total} images left" in output  # resumed, not started over
+    assert str(out) in output.splitlines()[-1]  # prints the path it wrote
+    assert not partial.exists()
+    assert_same_cache(out, resume_reference)
+
+
+# --- errors a user can fix ----------------------------------------------------------------------
+
+
+def test_bad_image_stops_with_its_name_and_rerun_after_fix_completes(
+    dataset_copy: Path, caches: dict[str, Path], tmp_path: Path
+) -> None:
+    keys = read_dataset(dataset_copy).keys()
+    key = "train/left/" + sorted(p.stem for p in (dataset_copy / "train" / "left").iterdir())[4]
+    image = dataset_copy / f"{key}.jpg"
+    original = image.read_bytes()
+    image.write_bytes(b"this is not a JPEG" * 10)
+    out = tmp_path / "out" / "x.h5"
+    arguments = ["--backbone", "resnet50", "--data", str(dataset_copy), "--out", str(out),
+                 "--weights", "none", "--input-size", "64", "64", "--batch-size", "8",
+                 "--workers", "0", "--device", "cpu"]
+
+    result = invoke(*arguments)
+    assert result.exit_code == 1, result.text
+    assert "Error:" in result.text and "Traceback" not in result.text
+    assert image.name in result.text
+    assert not out.exists()
+    # the batches before the bad image's are kept for the rerun
+    assert done_rows(out.with_name("x.h5.partial")) == keys.index(key) // 8 * 8
+
+    image.write_bytes(original)
+    result = invoke(*arguments)
+    assert result.exit_code == 0, result.text
+    assert not out.with_name("x.h5.partial").exists()
+    with h5py.File(out, "r") as file, h5py.File(caches["resnet50"], "r") as expected:
+        assert file["features"][:].tobytes() == expected["features"][:].tobytes()
+
+
+def test_bad_image_with_workers_names_it(dataset_copy: Path, tmp_path: Path) -> None:
+    image = sorted((dataset_copy / "test" / "right").iterdir())[2]
+    image.write_bytes(image.read_bytes()[:300])  # truncated
+    with pytest.raises(DataError, match=image.name):
+        extract(dataset_copy, tmp_path / "x.h5", input_size=(32, 32), workers=1)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_missing_data_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nowhere"):
+        extract(tmp_path / "nowhere", tmp_path / "x.h5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_layer_names_it_and_writes_nothing(synthetic: Path, tmp_path: Path) -> None:
+    result = invoke("--backbone", "resnet50", "--layer", "layer9", "--data", str(synthetic),
+                    "--out", str(tmp_path / "x.h5"), "--weights", "none", "--device", "cpu")
+    assert result.exit_code == 1, result.text
+    assert "Error:" in result.text and "'layer9'" in result.text and "layer4" in result.text
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An empty torch hub cache and a network that refuses every download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def test_imagenet_weights_unavailable(offline: None, synthetic: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "x.h5"
+    with pytest.raises(WeightsUnavailable) as raised:
+        extract(synthetic, out, weights="imagenet")
+    message = str(raised.value)
+    assert "--weights none" in message and "--weights PATH" in message
+    assert "no network" in message
+    assert not (tmp_path / "out").exists()
+
+    result = invoke("--backbone", "resnet50", "--data", str(synthetic), "--out", str(out),
+                    "--input-size", "32", "32", "--device", "cpu")  # imagenet is the default
+    assert result.exit_code == 1, result.text
+    assert "Error:" in result.text and "--weights none" in result.text
+    assert "Traceback" not in result.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_from_a_file(synthetic: Path, caches: dict[str, Path], state_dict: Path,
+                             tmp_path: Path) -> None:
+    out = extract(synthetic, tmp_path / "x.h5", weights=str(state_dict))
+    info = read_info(out)
+    assert info.weights == str(state_dict)
+    assert info.weights_id == "sha256:" + sha256(state_dict)
+
+    dataset = read_dataset(synthetic)
+    keys = dataset.keys()[:3]
+    features = read_features(out, keys).astype(np.float32)
+    reference = brute_force(TrunkSpec.resolve("resnet50", None, str(state_dict)),
+                            [dataset.images[k] for k in keys], SIZE)
+    np.testing.assert_allclose(features, reference, rtol=1e-2, atol=1e-2)
+    random_init = read_features(caches["resnet50"], keys).astype(np.float32)
+    assert not np.allclose(features, random_init, rtol=1e-2, atol=1e-2)
+
+
+def test_missing_weights_file(synthetic: Path, tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailable, match="nope.pt"):
+        extract(synthetic, tmp_path / "x.h5", weights=str(tmp_path / "nope.pt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- reading the cache -------------------------------------------------------------------------
+
+
+def test_read_features_in_the_order_asked(caches: dict[str, Path]) -> None:
+    path = caches["resnet50"]
+    keys = read_keys(path)
+    rng = np.random.default_rng(0)
+    asked = [keys[i] for i in rng.permutation(len(keys))[:50]] + [keys[5], keys[5], keys[6]]
+    features = read_features(path, asked)
+    assert features.dtype == np.float16
+    with h5py.File(path, "r") as file:
+        row_of = {k.decode(): i for i, k in enumerate(file["keys"][:])}
+        one_by_one = np.stack([file["features"][row_of[k]] for k in asked])
+    assert features.tobytes() == one_by_one.tobytes()
+    assert read_features(path, []).shape == (0, *read_info(path).feature_shape)
+
+
+def test_read_features_names_a_missing_key(caches: dict[str, Path]) -> None:
+    keys = read_keys(caches["resnet50"])
+    with pytest.raises(CacheError, match="train/left/zzz"):
+        read_features(caches["resnet50"], [keys[0], "train/left/zzz"])
+
+
+def test_unfinished_cache_is_refused(synthetic: Path, caches: dict[str, Path],
+                                     tmp_path: Path) -> None:
+    info = read_info(caches["resnet50"])
+    keys = read_keys(caches["resnet50"])
+    out = tmp_path / "x.h5"
+    writer = CacheWriter(out, keys, info)
+    writer.write(np.arange(8), np.zeros((8, *info.feature_shape), dtype=np.float16))
+    with pytest.raises(CacheError, match="missing"):
+        writer.finish()
+    writer.close()
+    partial = tmp_path / "x.h5.partial"
+    assert partial.exists() and not out.exists()
+
+    for read in (read_info, read_keys, lambda p: read_features(p, keys[:1])):
+        with pytest.raises(CacheError, match="does not exist.*unfinished"):
+            read(out)
+        with pytest.raises(CacheError, match="incomplete"):
+            read(partial)
+
+    not_hdf5 = tmp_path / "junk.h5"
+    not_hdf5.write_bytes(b"junk" * 100)
+    with pytest.raises(CacheError, match="junk.h5"):
+        read_info(not_hdf5)
+
+
+def test_cache_info_round_trips(caches: dict[str, Path]) -> None:
+    info = read_info(caches["vgg16"])
+    assert isinstance(info, CacheInfo)
+    assert info.mismatches(info) == []
+    assert info.input_size == SIZE and isinstance(info.input_size, tuple)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_help_lists_the_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "extract", "--help"], cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: python -m extract" in result.stdout
+    for option in ("--backbone", "--data", "--out", "--layer", "--weights", "--input-size",
+                   "--device", "--batch-size", "--workers", "--amp", "--overwrite", "--help"):
+        assert option in result.stdout
+    assert "resnet50" in result.stdout and "vgg16" in result.stdout
