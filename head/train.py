@@ -169,7 +169,8 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
-    work.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary output    try:
+    work.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary output
+    try:
         history = []
         best = None
         for epoch in range(1, config.epochs + 1):
