@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,11 +11,16 @@ import pytest
 from extract import logger
 from extract.synth import main as make_synthetic
 
+# Before torch is imported, here and in the `python -m extract` subprocesses (which inherit it):
+# the tests' small batches gain nothing from intra-op threads, and on a busy 2-core machine
+# OpenMP threads waiting on each other make a forward pass 10-30 times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO_ROOT.parent / "shared" / "tll"
 
 SMALL_PAIRS, SMALL_QUERIES = 24, 20  # 88 images
-RESUME_PAIRS, RESUME_QUERIES = 60, 20  # 160 images: an extraction that takes a few seconds
+TINY_PAIRS, TINY_QUERIES = 1, 20  # 42 images: the fewest a synthetic set can have
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +30,10 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synthetic_resume(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A larger synthetic dataset for the kill-and-resume tests; read-only."""
-    return make_synthetic(tmp_path_factory.mktemp("synth-resume") / "data", RESUME_PAIRS,
-                          RESUME_QUERIES, seed=1)
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest synthetic dataset, for the slow vgg16 trunk; read-only."""
+    return make_synthetic(tmp_path_factory.mktemp("tiny") / "data", TINY_PAIRS, TINY_QUERIES,
+                          seed=1)
 
 
 @pytest.fixture
@@ -44,11 +50,12 @@ def real_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_log_handlers():
-    """`setup_logging` binds its handler to the sys.stderr of the moment, which under click's
-    CliRunner is a throwaway stream; drop any handler a test added so the next test starts clean."""
-    before = list(logger.handlers)
+def _fresh_logger():
+    """`setup_logging` (run by every command) binds its handler to the sys.stderr of the moment,
+    which under click's CliRunner is a throwaway stream, and stops propagation (which caplog
+    needs); undo both after each test so the next one starts clean."""
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
     yield
-    for handler in logger.handlers[:]:
-        if handler not in before:
-            logger.removeHandler(handler)
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate

@@ -60,7 +60,8 @@ def test_synthetic_dataset_reads_back(synthetic: Path) -> None:
         assert dataset.images[key] == synthetic / split_side / f"{image}.jpg"
         assert dataset.images[key].is_file()
     # every image on disk is named by a CSV, and every key is an image on disk
-    on_disk = {p.relative_to(synthetic).with_suffix("").as_posix() for p in synthetic.rglob("*.jpg")}
+    on_disk = {p.relative_to(synthetic).with_suffix("").as_posix()
+               for p in synthetic.rglob("*.jpg")}
     assert set(keys) == on_disk
 
 
