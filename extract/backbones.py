@@ -88,8 +88,11 @@ class Trunk(nn.Module):
         model = _build(spec)
         nodes = get_graph_node_names(model)[1]
         if spec.layer not in nodes and not any(n.startswith(spec.layer + ".") for n in nodes):
-            raise UserError(f"{spec.backbone} has no node {spec.layer!r}; some of its nodes: "
-                             f"{', '.join(n for n in nodes if n.count('.') <= 1)}")
+            # the names a user would pass: modules and their direct children (layer4, features.29)
+            usable = dict.fromkeys(".".join(n.split(".")[:depth])
+                                   for n in nodes for depth in (1, 2))
+            raise UserError(f"{spec.backbone} has no node {spec.layer!r}; its nodes include: "
+                            f"{', '.join(usable)}")
         self.body = create_feature_extractor(model, {spec.layer: "features"})
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))

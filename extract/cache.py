@@ -59,9 +59,10 @@ class CacheInfo:
     dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
 
-    def mismatches(self, other: CacheInfo) -> list[str]:
+    def mismatches(self, other: CacheInfo, ignore: tuple[str, ...] = ()) -> list[str]:
         return [f"{name}: {getattr(other, name)} (cache) vs {getattr(self, name)} (asked)"
-                for name in IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+                for name in IDENTITY_FIELDS
+                if name not in ignore and getattr(self, name) != getattr(other, name)]
 
 
 def _write_info(file: h5py.File, info: CacheInfo) -> None:
@@ -108,7 +109,11 @@ class CacheWriter:
             except OSError as error:  # killed while the file's own structure was being written
                 logger.warning("%s is unreadable (%s); starting it over", self.partial, error)
         if self.file is not None:
-            _check_matches(self.partial, info, keys, file=self.file)
+            # same keys, same trunk: resume even if an image was repaired since (its size, and
+            # so the fingerprint, changed); the finished cache records the current fingerprint
+            _check_matches(self.partial, info, keys, file=self.file,
+                           ignore=("dataset_fingerprint",))
+            self.file.attrs["dataset_fingerprint"] = info.dataset_fingerprint
             self.missing = np.flatnonzero(self.file["done"][:] == 0)
             logger.info("resuming %s: %d of %d images left", self.partial, len(self.missing),
                         len(keys))
@@ -160,12 +165,13 @@ class CacheWriter:
             self.file = None
 
 
-def _check_matches(path: Path, info: CacheInfo, keys: list[str], file: h5py.File | None = None):
+def _check_matches(path: Path, info: CacheInfo, keys: list[str], file: h5py.File | None = None,
+                   ignore: tuple[str, ...] = ()):
     own = file is None
     file = file if file is not None else h5py.File(path, "r")
     try:
         existing = _read_info(file, path)
-        problems = info.mismatches(existing)
+        problems = info.mismatches(existing, ignore)
         if not problems and [k.decode() for k in file["keys"][:]] != keys:
             problems = ["the image list differs"]
     finally:
@@ -197,10 +203,12 @@ def read_features(path: str | Path, keys: list[str]) -> np.ndarray:
         if missing:
             raise CacheError(f"{path} lacks {len(missing)} of the {len(keys)} images asked for "
                              f"(e.g. {', '.join(missing[:3])}); was it built from this dataset?")
+        features = np.empty((len(keys), *file["features"].shape[1:]), dtype=FEATURE_DTYPE)
+        if not keys:
+            return features
         rows = np.array([row_of[k] for k in keys], dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        features = np.empty((len(keys), *file["features"].shape[1:]), dtype=FEATURE_DTYPE)
         # read runs of consecutive rows as slices: h5py's fancy indexing is slow on long lists
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
         for run in np.split(np.arange(len(sorted_rows)), breaks):

@@ -203,9 +203,9 @@ def validation_split(
     Returns (the pairs left for training, the validation queries); fraction 0 holds out nothing.
     """
     pairs = dataset.train_pairs
-    n_val = round(len(pairs) * fraction)
-    if n_val == 0:
+    if fraction == 0:
         return list(pairs), []
+    n_val = round(len(pairs) * fraction)
     if not 0 < fraction < 1 or n_val < N_CANDIDATES or n_val == len(pairs):
         raise DataError(
             f"validation fraction {fraction} of {len(pairs)} train pairs holds out {n_val}; "

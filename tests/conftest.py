@@ -32,8 +32,9 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smallest synthetic dataset, for the slow vgg16 trunk; read-only."""
-    return make_synthetic(tmp_path_factory.mktemp("tiny") / "data", TINY_PAIRS, TINY_QUERIES,
-                          seed=1)
+    return make_synthetic(
+        tmp_path_factory.mktemp("tiny") / "data", TINY_PAIRS, TINY_QUERIES, seed=1
+    )
 
 
 @pytest.fixture

@@ -60,8 +60,9 @@ def test_synthetic_dataset_reads_back(synthetic: Path) -> None:
         assert dataset.images[key] == synthetic / split_side / f"{image}.jpg"
         assert dataset.images[key].is_file()
     # every image on disk is named by a CSV, and every key is an image on disk
-    on_disk = {p.relative_to(synthetic).with_suffix("").as_posix()
-               for p in synthetic.rglob("*.jpg")}
+    on_disk = {
+        p.relative_to(synthetic).with_suffix("").as_posix() for p in synthetic.rglob("*.jpg")
+    }
     assert set(keys) == on_disk
 
 
@@ -218,10 +219,26 @@ def test_extract_cli_on_bad_dataset_fails_cleanly_and_writes_nothing(
 ) -> None:
     data, fragments = damage(dataset_copy)
     out = tmp_path / "out" / "x.h5"
-    result = CliRunner().invoke(extract_cli, [
-        "--backbone", "resnet50", "--data", str(data), "--out", str(out), "--weights", "none",
-        "--input-size", "32", "32", "--workers", "0", "--device", "cpu",
-    ])
+    result = CliRunner().invoke(
+        extract_cli,
+        [
+            "--backbone",
+            "resnet50",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--weights",
+            "none",
+            "--input-size",
+            "32",
+            "32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     output = result.output + (getattr(result, "stderr", "") or "")
     assert result.exit_code == 1, output
     assert "Error:" in output
@@ -254,10 +271,18 @@ def _solid(mode: str) -> tuple[Image.Image, tuple[int, int, int]]:
     return Image.new("RGB", size, RED), RED
 
 
-@pytest.mark.parametrize(("mode", "suffix"), [
-    ("RGB", ".jpg"), ("RGB", ".png"), ("L", ".jpg"), ("L", ".png"), ("RGBA", ".png"),
-    ("P", ".png"), ("CMYK", ".jpg"),
-])
+@pytest.mark.parametrize(
+    ("mode", "suffix"),
+    [
+        ("RGB", ".jpg"),
+        ("RGB", ".png"),
+        ("L", ".jpg"),
+        ("L", ".png"),
+        ("RGBA", ".png"),
+        ("P", ".png"),
+        ("CMYK", ".jpg"),
+    ],
+)
 def test_load_image_any_mode_gives_rgb_float(tmp_path: Path, mode: str, suffix: str) -> None:
     image, colour = _solid(mode)
     path = tmp_path / f"image{suffix}"
@@ -282,8 +307,9 @@ def test_load_image_matches_pil_resize(tmp_path: Path) -> None:
     expected = np.asarray(reference, dtype=np.float32).transpose(2, 0, 1) / 255
     np.testing.assert_array_equal(load_image(path, (30, 20)), expected)
     # at its own size the image is not resampled at all
-    np.testing.assert_array_equal(load_image(path, (50, 40)),
-                                  pixels.transpose(2, 0, 1).astype(np.float32) / 255)
+    np.testing.assert_array_equal(
+        load_image(path, (50, 40)), pixels.transpose(2, 0, 1).astype(np.float32) / 255
+    )
 
 
 def test_load_image_jpeg_matches_pil_decode_and_resize(tmp_path: Path) -> None:
@@ -339,8 +365,9 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage", [_garbage, _truncated, _empty], ids=["garbage", "truncated",
-                                                                         "empty"])
+@pytest.mark.parametrize(
+    "damage", [_garbage, _truncated, _empty], ids=["garbage", "truncated", "empty"]
+)
 def test_unreadable_image_names_the_file(tmp_path: Path, damage) -> None:
     path = tmp_path / "broken-abc.jpg"
     damage(path)
@@ -371,8 +398,10 @@ def _check_split(dataset: Dataset, fraction: float, seed: int) -> None:
     assert len(set(held_out_lefts)) == len(queries)
     assert set(held_out_lefts).isdisjoint(left for left, _ in train)
     assert len(train) + len(queries) == len(pairs)
-    held_out_pairs = {(q.left.removeprefix("train/left/"),
-                       q.candidates[q.truth].removeprefix("train/right/")) for q in queries}
+    held_out_pairs = {
+        (q.left.removeprefix("train/left/"), q.candidates[q.truth].removeprefix("train/right/"))
+        for q in queries
+    }
     assert held_out_pairs | set(train) == set(pairs)
 
     held_out_rights = {truth_of[q.left] for q in queries}
@@ -387,8 +416,9 @@ def _check_split(dataset: Dataset, fraction: float, seed: int) -> None:
     assert len({q.truth for q in queries}) > 1  # the truth is not always in the same column
 
 
-@pytest.mark.parametrize(("n_pairs", "fraction", "seed"), [(200, 0.1, 0), (200, 0.5, 3),
-                                                           (25, 0.8, 1), (1600, 0.1, 0)])
+@pytest.mark.parametrize(
+    ("n_pairs", "fraction", "seed"), [(200, 0.1, 0), (200, 0.5, 3), (25, 0.8, 1), (1600, 0.1, 0)]
+)
 def test_validation_split_layout(n_pairs: int, fraction: float, seed: int) -> None:
     _check_split(_fake_dataset(n_pairs), fraction, seed)
 
@@ -418,17 +448,14 @@ def test_validation_split_fraction_zero_holds_out_nothing() -> None:
     assert queries == []
 
 
-@pytest.mark.parametrize(("n_pairs", "fraction"), [(200, 0.05), (30, 0.5), (100, 1.0),
-                                                   (100, 0.999), (100, -0.3)])
+@pytest.mark.parametrize(
+    ("n_pairs", "fraction"), [(200, 0.05), (30, 0.5), (100, 1.0), (100, 0.999), (100, -0.3)]
+)
 def test_validation_split_refuses_too_few_or_everything(n_pairs: int, fraction: float) -> None:
     with pytest.raises(DataError, match="at least 20"):
         validation_split(_fake_dataset(n_pairs), fraction, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "validation_split returns (all pairs, []) when a non-zero fraction rounds to 0 held-out "
-    "pairs (e.g. 0.004 of 100): `if n_val == 0` runs before the range/size check, so a user "
-    "asking for validation silently gets none; only fraction == 0 should mean 'no split'"))
 def test_validation_split_refuses_tiny_nonzero_fraction() -> None:
     with pytest.raises(DataError):
         validation_split(_fake_dataset(100), 0.004, 0)
@@ -457,5 +484,6 @@ def test_real_data_validation_split(real_data: Path) -> None:
     train, queries = validation_split(dataset, 0.1, 0)
     assert len(queries) == 160
     assert len(train) == 1440
-    assert all(q.left in dataset.images and set(q.candidates) <= set(dataset.images)
-               for q in queries)
+    assert all(
+        q.left in dataset.images and set(q.candidates) <= set(dataset.images) for q in queries
+    )

@@ -61,9 +61,9 @@ def sha256(path: Path) -> str:
 def brute_force(trunk: Trunk, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     """The trunk run by hand, image by image, on what `load_image` gives."""
     with torch.inference_mode():
-        return np.concatenate([
-            trunk(torch.from_numpy(load_image(path, size))[None]).numpy() for path in paths
-        ])
+        return np.concatenate(
+            [trunk(torch.from_numpy(load_image(path, size))[None]).numpy() for path in paths]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,7 @@ def data_for(synthetic: Path, tiny: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def caches(data_for: dict[str, Path],
-           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def caches(data_for: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One complete cache per backbone at 64 x 64 (batches of 8); read-only."""
     folder = tmp_path_factory.mktemp("caches")
     return {name: extract(data, folder / f"{name}.h5", name) for name, data in data_for.items()}
@@ -100,8 +99,9 @@ def state_dict(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
-def test_cache_schema_and_contents(caches: dict[str, Path], data_for: dict[str, Path],
-                                   backbone: str) -> None:
+def test_cache_schema_and_contents(
+    caches: dict[str, Path], data_for: dict[str, Path], backbone: str
+) -> None:
     path, data = caches[backbone], data_for[backbone]
     dataset = read_dataset(data)
     keys = dataset.keys()
@@ -127,12 +127,20 @@ def test_cache_schema_and_contents(caches: dict[str, Path], data_for: dict[str, 
     complete = attrs.pop("complete")
     assert isinstance(complete, bool | np.bool_) and complete
     expected = {
-        "schema_version": 1, "backbone": backbone, "layer": DEFAULT_LAYER[backbone],
-        "weights": "none", "weights_id": "random-init seed 0", "input_size": list(SIZE),
-        "feature_shape": list(feature_shape), "mean": list(spec.mean), "std": list(spec.std),
-        "dtype": "float16", "torch_version": str(torch.__version__),
+        "schema_version": 1,
+        "backbone": backbone,
+        "layer": DEFAULT_LAYER[backbone],
+        "weights": "none",
+        "weights_id": "random-init seed 0",
+        "input_size": list(SIZE),
+        "feature_shape": list(feature_shape),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "dtype": "float16",
+        "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
-        "dataset": str(data.resolve()), "dataset_fingerprint": dataset.fingerprint(),
+        "dataset": str(data.resolve()),
+        "dataset_fingerprint": dataset.fingerprint(),
     }
     assert set(attrs) == set(expected)
     for name, value in expected.items():
@@ -160,8 +168,7 @@ def test_cache_schema_and_contents(caches: dict[str, Path], data_for: dict[str, 
     assert not np.allclose(features[0], features[1])  # different images, different features
 
 
-def test_vgg16_layer_before_last_pool(tiny: Path, caches: dict[str, Path],
-                                      tmp_path: Path) -> None:
+def test_vgg16_layer_before_last_pool(tiny: Path, caches: dict[str, Path], tmp_path: Path) -> None:
     out = extract(tiny, tmp_path / "x.h5", "vgg16", layer="features.29")
     assert out == tmp_path / "x.h5"
     info = read_info(out)
@@ -202,12 +209,27 @@ MISMATCHES = {
 
 
 @pytest.mark.parametrize(("options", "field"), MISMATCHES.values(), ids=MISMATCHES.keys())
-def test_cli_refuses_cache_built_for_something_else(synthetic: Path, resnet_cache: Path,
-                                                    options: list[str], field: str) -> None:
+def test_cli_refuses_cache_built_for_something_else(
+    synthetic: Path, resnet_cache: Path, options: list[str], field: str
+) -> None:
     before = sha256(resnet_cache)
-    arguments = ["--backbone", "resnet50", "--data", str(synthetic), "--out", str(resnet_cache),
-                 "--weights", "none", "--input-size", "64", "64", "--workers", "0",
-                 "--device", "cpu"]
+    arguments = [
+        "--backbone",
+        "resnet50",
+        "--data",
+        str(synthetic),
+        "--out",
+        str(resnet_cache),
+        "--weights",
+        "none",
+        "--input-size",
+        "64",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     result = invoke(*arguments, *options)  # a later option overrides an earlier one
     assert result.exit_code == 1, result.text
     assert "Error:" in result.text and "Traceback" not in result.text
@@ -217,8 +239,9 @@ def test_cli_refuses_cache_built_for_something_else(synthetic: Path, resnet_cach
     assert not resnet_cache.with_name("x.h5.partial").exists()
 
 
-def test_refuses_other_weights_and_other_dataset(synthetic: Path, dataset_copy: Path,
-                                                 resnet_cache: Path, state_dict: Path) -> None:
+def test_refuses_other_weights_and_other_dataset(
+    synthetic: Path, dataset_copy: Path, resnet_cache: Path, state_dict: Path
+) -> None:
     before = sha256(resnet_cache)
     with pytest.raises(CacheError, match="weights_id.*--overwrite"):
         extract(synthetic, resnet_cache, weights=str(state_dict))
@@ -249,13 +272,32 @@ def test_overwrite_rebuilds(tiny: Path, resnet_cache: Path) -> None:
 
 def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
     """`python -m extract` with the settings of `caches["resnet50"]`, output into `log`."""
-    command = [sys.executable, "-m", "extract", "--backbone", "resnet50", "--weights", "none",
-               "--data", str(data), "--out", str(out), "--input-size", *map(str, SIZE),
-               "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "extract",
+        "--backbone",
+        "resnet50",
+        "--weights",
+        "none",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--input-size",
+        *map(str, SIZE),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the child
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
 
 
 def done_rows(partial: Path) -> int | None:
@@ -332,8 +374,9 @@ def test_resume_after_sigkill(synthetic: Path, caches: dict[str, Path], tmp_path
 
 
 @pytest.mark.slow
-def test_resume_after_ctrl_c(synthetic: Path, caches: dict[str, Path], tmp_path: Path,
-                             caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_after_ctrl_c(
+    synthetic: Path, caches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     total = len(read_dataset(synthetic).keys())
     out, partial = tmp_path / "x.h5", tmp_path / "x.h5.partial"
 
@@ -367,9 +410,24 @@ def _break_an_image(data: Path) -> tuple[str, bytes]:
 
 
 def _extract_arguments(data: Path, out: Path) -> list[str]:
-    return ["--backbone", "resnet50", "--data", str(data), "--out", str(out), "--weights", "none",
-            "--input-size", *map(str, SIZE), "--batch-size", "8", "--workers", "0",
-            "--device", "cpu"]
+    return [
+        "--backbone",
+        "resnet50",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--weights",
+        "none",
+        "--input-size",
+        *map(str, SIZE),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_bad_image_stops_with_its_name(dataset_copy: Path, tmp_path: Path) -> None:
@@ -386,13 +444,9 @@ def test_bad_image_stops_with_its_name(dataset_copy: Path, tmp_path: Path) -> No
     assert done_rows(out.with_name("x.h5.partial")) == 8
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the .partial records the dataset fingerprint (keys and file SIZES) taken while the bad "
-    "image was in place; once it is repaired (any other size) the rerun is refused as 'built for "
-    "something else (dataset_fingerprint ...); pass --overwrite', which throws away every done "
-    "row; see the report"))
-def test_rerun_after_repairing_a_bad_image_completes(dataset_copy: Path, caches: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_rerun_after_repairing_a_bad_image_completes(
+    dataset_copy: Path, caches: dict[str, Path], tmp_path: Path
+) -> None:
     key, original = _break_an_image(dataset_copy)
     out = tmp_path / "out" / "x.h5"
     assert invoke(*_extract_arguments(dataset_copy, out)).exit_code == 1
@@ -420,25 +474,34 @@ def test_missing_data_folder(tmp_path: Path) -> None:
 
 
 def test_unknown_layer_names_it_and_writes_nothing(synthetic: Path, tmp_path: Path) -> None:
-    result = invoke("--backbone", "resnet50", "--layer", "layer9", "--data", str(synthetic),
-                    "--out", str(tmp_path / "x.h5"), "--weights", "none", "--device", "cpu")
+    result = invoke(
+        "--backbone",
+        "resnet50",
+        "--layer",
+        "layer9",
+        "--data",
+        str(synthetic),
+        "--out",
+        str(tmp_path / "x.h5"),
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 1, result.text
     assert "Error:" in result.text and "'layer9'" in result.text
     assert "Traceback" not in result.text
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the unknown-layer hint keeps only graph nodes with at most one dot; resnet50's residual "
-    "stages are all 'layerN.B.op' (two dots), so the hint lists x, conv1, bn1, relu, maxpool, "
-    "avgpool, flatten, fc and none of layer1..layer4 (not even the default, layer4); vgg16's "
-    "list lacks its default 'features' too"))
-@pytest.mark.parametrize(("backbone", "valid"), [
-    ("resnet50", ["layer1", "layer2", "layer3", "layer4"]), ("vgg16", ["features"])])
+@pytest.mark.parametrize(
+    ("backbone", "valid"),
+    [("resnet50", ["layer1", "layer2", "layer3", "layer4"]), ("vgg16", ["features"])],
+)
 def test_unknown_layer_hint_lists_the_usable_layers(backbone: str, valid: list[str]) -> None:
     with pytest.raises(UserError) as raised:
         Trunk(TrunkSpec.resolve(backbone, "layer9", "none"))
-    hint = str(raised.value).split("nodes:", 1)[1]
+    hint = str(raised.value).split("nodes include:", 1)[1]
     for layer in valid:
         assert layer in [name.strip() for name in hint.split(",")]
 
@@ -463,8 +526,19 @@ def test_imagenet_weights_unavailable(offline: None, synthetic: Path, tmp_path: 
     assert "no network" in message
     assert not (tmp_path / "out").exists()
 
-    result = invoke("--backbone", "resnet50", "--data", str(synthetic), "--out", str(out),
-                    "--input-size", "32", "32", "--device", "cpu")  # imagenet is the default
+    result = invoke(
+        "--backbone",
+        "resnet50",
+        "--data",
+        str(synthetic),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "32",
+        "--device",
+        "cpu",
+    )  # imagenet is the default
     assert result.exit_code == 1, result.text
     assert "Error:" in result.text and "--weights none" in result.text
     assert "Traceback" not in result.text
@@ -510,9 +584,6 @@ def test_read_features_in_the_order_asked(caches: dict[str, Path]) -> None:
     assert features.tobytes() == one_by_one.tobytes()
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "read_features(path, []) raises IndexError: np.split of an empty index array yields one "
-    "empty run and `run[0]` fails; it should return an empty (0, C, h, w) array"))
 def test_read_features_of_no_keys(caches: dict[str, Path]) -> None:
     path = caches["resnet50"]
     assert read_features(path, []).shape == (0, *read_info(path).feature_shape)
@@ -524,8 +595,9 @@ def test_read_features_names_a_missing_key(caches: dict[str, Path]) -> None:
         read_features(caches["resnet50"], [keys[0], "train/left/zzz"])
 
 
-def test_unfinished_cache_is_refused(synthetic: Path, caches: dict[str, Path],
-                                     tmp_path: Path) -> None:
+def test_unfinished_cache_is_refused(
+    synthetic: Path, caches: dict[str, Path], tmp_path: Path
+) -> None:
     info = read_info(caches["resnet50"])
     keys = read_keys(caches["resnet50"])
     out = tmp_path / "x.h5"
@@ -563,9 +635,20 @@ def test_help_lists_the_options() -> None:
     result = CliRunner().invoke(cli, ["--help"], prog_name="python -m extract")
     assert result.exit_code == 0, result.output
     assert "Usage: python -m extract [OPTIONS]" in result.output
-    for option in ("--backbone", "--data", "--out", "--layer", "--weights", "--input-size",
-                   "--device", "--batch-size", "--workers", "--amp / --no-amp", "--overwrite",
-                   "--help"):
+    for option in (
+        "--backbone",
+        "--data",
+        "--out",
+        "--layer",
+        "--weights",
+        "--input-size",
+        "--device",
+        "--batch-size",
+        "--workers",
+        "--amp / --no-amp",
+        "--overwrite",
+        "--help",
+    ):
         assert option in result.output
     assert "[resnet50|vgg16]" in result.output
     assert "resume" in result.output

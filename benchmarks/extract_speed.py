@@ -1,0 +1,128 @@
+"""Images/s of the whole extract pipeline against the bare trunk forward pass.
+
+The pipeline is `extract.extract_features.main` on a small Kaggle-layout subset (~256 images
+for resnet50, ~128 for vgg16, at the real 245 x 200): reading the dataset, building the trunk,
+decoding in DataLoader workers, the forward pass, writing the HDF5 cache. The baseline is
+what the pipeline would do with free decoding and writing: `Trunk(spec)` on pre-decoded random
+tensors of the same batch size, channels_last, under inference_mode. The two alternate round
+by round; the ratio pipeline / trunk is the median of the per-round ratios. Target >= 0.9.
+
+    python benchmarks/extract_speed.py [--data DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+import common
+import torch
+
+from extract.backbones import Trunk, TrunkSpec
+from extract.data import DEFAULT_INPUT_SIZE
+from extract.extract_features import main as extract
+
+TARGET = 0.9
+IMAGES = {"resnet50": 256, "vgg16": 128}  # vgg16 runs ~4x slower
+QUICK_IMAGES = {"resnet50": 64, "vgg16": 32}
+
+
+def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batch_size: int,
+                     workers: int):
+    """A measure for `common.interleave`: one whole extraction into a fresh file -> images/s."""
+    runs = iter(range(1_000_000))
+
+    def measure() -> float:
+        out = scratch / f"{backbone}-{next(runs)}.h5"
+        with common.Timer() as timer:
+            extract(backbone, data, out=out, weights="none", input_size=DEFAULT_INPUT_SIZE,
+                    device="cpu", batch_size=batch_size, workers=workers, amp=False,
+                    overwrite=True)
+        out.unlink()
+        return images / timer.seconds
+
+    return measure
+
+
+def trunk_measure(trunk: Trunk, images: int, batch_size: int):
+    """A measure: the bare forward pass over as many pre-decoded images, same batches."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.rand(min(batch_size, images - i), 3, *DEFAULT_INPUT_SIZE,
+                          generator=generator).contiguous(memory_format=torch.channels_last)
+               for i in range(0, images, batch_size)]  # each (B, 3, H, W)
+
+    def measure() -> float:
+        with common.Timer() as timer, torch.inference_mode():
+            for batch in batches:
+                trunk(batch)  # (B, C, h, w)
+        return images / timer.seconds
+
+    return measure
+
+
+def bench(backbone: str, source: Path, scratch: Path, images: int, rounds: int,
+          batch_size: int, workers: int) -> list:
+    data = common.kaggle_subset(source, scratch / f"subset-{backbone}", images)
+    spec = TrunkSpec.resolve(backbone, None, "none")
+    with common.Timer() as build:
+        trunk = Trunk(spec)  # the pipeline builds one too, inside its timing
+    trunk.to(memory_format=torch.channels_last)
+    with torch.inference_mode():  # warm both paths up once (allocator, oneDNN kernels)
+        trunk(torch.rand(2, 3, *DEFAULT_INPUT_SIZE).contiguous(memory_format=torch.channels_last))
+    click.echo(f"{backbone}: {images} images, batch {batch_size}, {workers} decode workers, "
+               f"{rounds} rounds")
+    results = common.interleave({
+        "pipeline": pipeline_measure(backbone, data, scratch, images, batch_size, workers),
+        "trunk": trunk_measure(trunk, images, batch_size),
+    }, rounds, log=click.echo)
+    ratios = [p / t for p, t in zip(results["pipeline"], results["trunk"], strict=True)]
+    pipeline, trunk_speed = common.median(results["pipeline"]), common.median(results["trunk"])
+    # where the pipeline's extra time goes, in seconds for the whole run
+    extra = images / pipeline - images / trunk_speed
+    return [backbone, images, pipeline, common.spread(results["pipeline"]), trunk_speed,
+            common.spread(results["trunk"]), extra, build.seconds, common.median(ratios),
+            common.verdict(common.median(ratios), TARGET)]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              default=None, help="Kaggle-layout dataset to take images from "
+              "[default: ../shared/tll if present, else a synthetic set].")
+@click.option("--quick", is_flag=True, help="Fewer images and rounds (a smoke run).")
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(sorted(IMAGES)),
+              default=("resnet50", "vgg16"))
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Alternations of the two measurements [default: 3, --quick 2].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32,
+              help="The extract command's default.")
+@click.option("--workers", type=click.IntRange(min=0), default=2,
+              help="DataLoader decode processes (the extract command's default).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads [default: torch's own choice].")
+def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], rounds: int | None,
+        batch_size: int, workers: int, threads: int | None) -> None:
+    """Extract pipeline images/s vs the bare trunk forward pass (target ratio >= 0.9)."""
+    common.set_threads(threads)
+    counts = QUICK_IMAGES if quick else IMAGES
+    rounds = rounds or (2 if quick else 3)
+    click.echo(common.environment())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as scratch:
+        scratch = Path(scratch)
+        source, label = common.source_dataset(data, scratch, max(counts.values()))
+        click.echo(f"images from: {label}")
+        for backbone in backbones:
+            rows.append(bench(backbone, source, scratch, counts[backbone], rounds, batch_size,
+                              workers))
+    click.echo()
+    click.echo(common.table(
+        ["backbone", "images", "pipeline img/s", "(range)", "trunk img/s", "(range)",
+         "extra s", "trunk build s", "ratio", f"target >= {TARGET}"], rows))
+    click.echo("ratio: median over rounds of pipeline img/s / trunk img/s; extra s: the "
+               "pipeline's time beyond the bare forward passes over the whole run (trunk build "
+               "s is the part of it spent building the trunk, timed once)")
+
+
+if __name__ == "__main__":
+    cli()
