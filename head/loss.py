@@ -1,6 +1,7 @@
 """The cosine triplet loss with in-batch negatives, as a pure function of embeddings.
 
-Distance D(x, y) = 1 - cos(x, y). Row i of `anchors` (a left) pairs with row i of `positives`
+Distance D(x, y) = 1 - cos(x, y), computed as 1 - x . y: the embeddings must have unit norm,
+as the head's are. Row i of `anchors` (a left) pairs with row i of `positives`
 (its right); every other row j of `positives` is a negative for anchor i, so a batch of B pairs
 gives each anchor B - 1 negatives and embeds each feature map once.
 Triplet value: max(0, D(a_i, p_i) - D(a_i, p_j) + margin).

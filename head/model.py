@@ -53,8 +53,9 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        self.score = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(),
-                                   nn.Linear(channels // reduction, channels))
+        hidden = max(1, channels // reduction)
+        self.score = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
         weights = torch.sigmoid(self.score(x.mean(dim=(2, 3))))  # (B, C)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from extract import UserError, logger, user_errors
 from extract.backbones import resolve_device
 from extract.cache import CacheInfo, read_features, read_info
-from extract.data import read_dataset, validation_split
+from extract.data import N_CANDIDATES, read_dataset, validation_split
 from head.loss import NEGATIVES, cosine_triplet_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
 from infer.scoring import candidate_scores, ranking_metrics, score_matrix
@@ -86,7 +86,7 @@ def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_frac
         val_images=torch.tensor([row[key] for key in val_keys], dtype=torch.long, device=device),
         val_queries=np.array([position[q.left] for q in queries], dtype=np.int64),
         val_candidates=np.array([[position[c] for c in q.candidates] for q in queries],
-                                dtype=np.int64).reshape(len(queries), -1),
+                                dtype=np.int64).reshape(len(queries), N_CANDIDATES),
         val_truth=np.array([q.truth for q in queries], dtype=np.int64),
     )
 
@@ -176,8 +176,13 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             loss = train_epoch(head, optimizer, split, config, epoch, generator)
-            metrics = evaluate(embed(head, split.features, split.val_images,
-                                     config.batch_size), split) if has_val else {}
+            metrics = {}
+            if has_val:
+                embeddings = embed(head, split.features, split.val_images, config.batch_size)
+                if not np.isfinite(embeddings).all():  # the last step can diverge unseen
+                    raise UserError(f"the weights diverged in epoch {epoch} (non-finite "
+                                    "embeddings); try a lower --lr")
+                metrics = evaluate(embeddings, split)
             record = {"epoch": epoch, "loss": loss, **metrics,
                       "seconds": time.perf_counter() - started}
             history.append(record)

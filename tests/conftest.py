@@ -60,3 +60,48 @@ def _fresh_logger():
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+# --- one trained run, shared by the head, export and infer tests -------------------------------
+# 300 pairs (val_fraction 0.2: 60 validation queries) through a random-init resnet50 at 64 x 64
+# (layer4: 2048 x 2 x 2). With these settings the head's validation top-2 beat the frozen trunk's
+# by 0.20-0.35 for every training seed 0-2 on synthetic sets of seeds 0-2 (e.g. 0.78 vs 0.48).
+
+TRAIN_PAIRS, TRAIN_QUERIES = 300, 20  # 640 images
+TRAIN_SIZE = (64, 64)
+TRAIN_SETTINGS = dict(epochs=6, batch_size=32, lr=3e-4, val_fraction=0.2, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic dataset the shared run is trained on; read-only."""
+    return make_synthetic(tmp_path_factory.mktemp("train-data") / "data", TRAIN_PAIRS,
+                          TRAIN_QUERIES)
+
+
+@pytest.fixture(scope="session")
+def train_cache(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete resnet50 cache (random init, 64 x 64) of `train_data`; read-only."""
+    from extract.extract_features import main as extract  # torch: after OMP_NUM_THREADS
+
+    return extract("resnet50", train_data, out=tmp_path_factory.mktemp("train-cache") / "r50.h5",
+                   weights="none", input_size=TRAIN_SIZE, device="cpu", batch_size=32, workers=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """runs/r50 as `head.train` leaves it (TRAIN_SETTINGS); read-only."""
+    from head.train import main as train
+
+    return train(train_cache, name="r50", runs_dir=tmp_path_factory.mktemp("runs"),
+                 **TRAIN_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `trained_run` with `head.export`'s model.onnx written into it; read-only."""
+    from head.export import main as export
+
+    run = Path(shutil.copytree(trained_run, tmp_path_factory.mktemp("exported") / "r50"))
+    export(run)
+    return run
