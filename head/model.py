@@ -1,12 +1,15 @@
 """The head, all of it, and `TLLNet`, the whole network that is exported.
 
-Head: for each trunk's feature map, attention -> max-pool to a fixed grid -> flatten ->
-batch norm; the results are concatenated -> one fully connected layer -> L2-normalised embedding.
-It takes one feature map per trunk, so several caches can later feed one model.
+Head: for each trunk's feature map, batch norm -> attention -> max-pool to a fixed grid ->
+flatten -> batch norm; the results are concatenated -> one fully connected layer ->
+L2-normalised embedding. It takes one feature map per trunk, so several caches can later feed one
+model.
 
-The batch norm is there because post-ReLU trunk features share one dominant direction (pooled
-random-init ResNet50 maps have a mean pairwise cosine of 0.998): centring them keeps the FC layer
-from mapping every image near the same embedding.
+The two batch norms are there because raw trunk features are large and share one dominant
+direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
+of 0.998). Without the first, the attention's sigmoid saturates at once (at lr 3e-4 every weight
+went to 3e-15 and all embeddings collapsed to one point); without the second, the FC layer maps
+every image near the same embedding.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ class Head(nn.Module):
         attention = {"spatial": SpatialAttention, "channel": ChannelAttention,
                      "none": lambda channels: nn.Identity()}[config.attention]
         self.branches = nn.ModuleList(
-            nn.Sequential(attention(c), GridMaxPool(h, w, config.pool), nn.Flatten(),
+            nn.Sequential(nn.BatchNorm2d(c), attention(c), GridMaxPool(h, w, config.pool),
+                          nn.Flatten(),
                           nn.BatchNorm1d(c * config.pool ** 2))
             for c, h, w in config.feature_shapes
         )

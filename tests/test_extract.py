@@ -313,8 +313,8 @@ def done_rows(partial: Path) -> int | None:
 def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.Popen:
     """Start `python -m extract` and send it `sig` once its first batch is done but not its last
     (11 batches of 8, about 0.1 s each on an idle CPU: a window of about 1 s). Should this
-    process be descheduled for that whole window, so that the run ends first, start over: up
-    to 3 tries."""
+    process be descheduled for that whole window, so that the run ends first (or ends before
+    the signal lands), start over: up to 3 tries."""
     partial = partial_path(out)
     total = len(read_dataset(data).keys())
     for _ in range(3):
@@ -328,6 +328,8 @@ def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.P
                 if done is not None and 8 <= done < total:
                     process.send_signal(sig)
                     process.wait(timeout=120)
+                    if process.returncode == 0:  # it finished before the signal landed
+                        break
                     return process
                 time.sleep(0.02)
         finally:
