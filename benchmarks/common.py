@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import click
+
 # before tqdm is imported (each script imports this module before the project's): the stages'
 # progress bars would only clutter the tables
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -61,7 +63,9 @@ def kaggle_subset(source: Path, out: Path, images: int) -> Path:
     pairs = (images - N_CANDIDATES - 1) // 2
     queries = images - N_CANDIDATES - 2 * pairs  # 1 or 2
     if pairs > len(dataset.train_pairs) or queries > len(dataset.test_queries):
-        raise ValueError(f"{source} is too small for a subset of {images} images")
+        raise click.ClickException(
+            f"{source} is too small for a subset of {images} images ({pairs} train pairs, "
+            f"{queries} test queries): pass a larger --data, or --quick")
     train = dataset.train_pairs[:pairs]
     lefts = [q.left for q in dataset.test_queries[:queries]]
     rights = list(dataset.test_queries[0].candidates)

@@ -12,6 +12,7 @@ by round; the ratio pipeline / trunk is the median of the per-round ratios. Targ
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ QUICK_IMAGES = {"resnet50": 64, "vgg16": 32}
 def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batch_size: int,
                      workers: int):
     """A measure for `common.interleave`: one whole extraction into a fresh file -> images/s."""
-    runs = iter(range(1_000_000))
+    runs = itertools.count()
 
     def measure() -> float:
         out = scratch / f"{backbone}-{next(runs)}.h5"
@@ -96,8 +97,8 @@ def bench(backbone: str, source: Path, scratch: Path, images: int, rounds: int,
               help="Alternations of the two measurements [default: 3, --quick 2].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32,
               help="The extract command's default.")
-@click.option("--workers", type=click.IntRange(min=0), default=2,
-              help="DataLoader decode processes (the extract command's default).")
+@click.option("--workers", type=click.IntRange(min=0), default=0,
+              help="DataLoader decode processes (the extract command's default on a CPU).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads [default: torch's own choice].")
 def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], rounds: int | None,

@@ -53,7 +53,11 @@ def cli_options(settings: dict) -> list[str]:
     (7, 6, 2), (8, 7, 3), (15, 12, 4), (8, 7, 2), (7, 6, 1), (2, 2, 2), (5, 3, 4), (1, 1, 3),
     (9, 9, 3), (13, 4, 5), (6, 11, 4), (3, 17, 7),
 ])
-def test_grid_max_pool_equals_adaptive_max_pool(h: int, w: int, cells: int) -> None:
+@pytest.mark.parametrize("exporting", [False, True], ids=["train", "export"])
+def test_grid_max_pool_equals_adaptive_max_pool(h: int, w: int, cells: int, exporting: bool,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # the exported graph takes the static-slice path: it must give the very same numbers
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting)
     features = torch.randn(3, 5, h, w, generator=torch.Generator().manual_seed(h * 100 + w))
     expected = torch.nn.AdaptiveMaxPool2d(cells)(features).flatten(2)  # (B, C, cells * cells)
     got = GridMaxPool(h, w, cells)(features)

@@ -1,0 +1,251 @@
+"""Seconds per epoch of head training on cached features against training through the trunk.
+
+Cached: `head.train.train_epoch` with the default TrainConfig over 1,600 pairs, on a VGG16 cache
+(512 x 7 x 6) and a ResNet50 cache (2048 x 8 x 7): the real cache where one is found (by
+default cache/<backbone>-<layer>-none.h5), else random float16 feature maps of those shapes.
+End to end: the same head trained through the frozen trunk, both images of each pair through
+`Trunk` every step (random pre-decoded images, channels_last, no_grad; then the head's forward,
+loss, backward and AdamW step exactly as train_epoch does); a few steps are timed and
+extrapolated to an epoch. The two alternate round by round; medians are reported.
+Targets on the 2-core CPU: cached <= 2 s/epoch (VGG16), <= 8 s/epoch (ResNet50), and
+end-to-end / cached >= 1000.
+
+    python benchmarks/head_speed.py [--data DIR] [--quick] [--profile] [--what-if]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from pathlib import Path
+
+import click
+import common
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from extract.backbones import BACKBONES, Trunk, TrunkSpec
+from extract.cache import read_features, read_info
+from extract.data import DEFAULT_INPUT_SIZE, read_dataset
+from head.loss import cosine_triplet_loss
+from head.model import GridMaxPool, Head, HeadConfig
+from head.train import CachedSplit, TrainConfig, train_epoch
+
+PAIRS = 1600  # the real train.csv
+SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200
+TARGET_SECONDS = {"vgg16": 2.0, "resnet50": 8.0}
+TARGET_RATIO = 1000.0
+TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its memory)
+
+
+def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> CachedSplit:
+    """A CachedSplit of these training pairs (rows of `features`) and no validation."""
+    return CachedSplit(
+        features=features, train_left=torch.as_tensor(left, dtype=torch.long),
+        train_right=torch.as_tensor(right, dtype=torch.long),
+        val_images=torch.zeros(0, dtype=torch.long), val_queries=np.zeros(0, dtype=np.int64),
+        val_candidates=np.zeros((0, 20), dtype=np.int64), val_truth=np.zeros(0, dtype=np.int64))
+
+
+def real_split(cache: Path, data: Path | None) -> tuple[CachedSplit, str] | None:
+    """The first PAIRS train pairs of a real cache, like head.train.load_split with no
+    validation split; None if the cache is absent or does not fit."""
+    if not cache.is_file():
+        return None
+    info = read_info(cache)
+    dataset = read_dataset(data or info.dataset)
+    if dataset.fingerprint() != info.dataset_fingerprint or len(dataset.train_pairs) < PAIRS:
+        return None
+    pairs = dataset.train_pairs[:PAIRS]
+    keys = sorted({f"train/left/{a}" for a, _ in pairs} | {f"train/right/{b}" for _, b in pairs})
+    row = {key: i for i, key in enumerate(keys)}
+    features = torch.from_numpy(read_features(cache, keys))  # (2 * PAIRS, C, h, w) float16
+    return split_from(features, np.array([row[f"train/left/{a}"] for a, _ in pairs]),
+                      np.array([row[f"train/right/{b}"] for _, b in pairs])), f"real {cache}"
+
+
+def synthetic_split(shape: tuple[int, int, int]) -> tuple[CachedSplit, str]:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(2 * PAIRS, *shape, generator=generator).to(torch.float16)  # post-ReLU
+    return split_from(features, np.arange(PAIRS), np.arange(PAIRS, 2 * PAIRS)), "random"
+
+
+def _adaptive_pool(self: GridMaxPool, x: torch.Tensor) -> torch.Tensor:
+    """GridMaxPool's numbers from one fused op: the same bins as its slices."""
+    return F.adaptive_max_pool2d(x, len(self.rows)).flatten(2)  # (B, C, cells * cells)
+
+
+@contextlib.contextmanager
+def what_if(pool: bool = False, threads: int | None = None):
+    """For --what-if only: run with GridMaxPool as adaptive_max_pool2d and/or other threads."""
+    forward, saved_threads = GridMaxPool.forward, torch.get_num_threads()
+    if pool:
+        GridMaxPool.forward = _adaptive_pool
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        GridMaxPool.forward = forward
+        torch.set_num_threads(saved_threads)
+
+
+WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
+            "what-if: 1 thread": {"threads": 1},
+            "what-if: both": {"pool": True, "threads": 1}}
+
+
+def cached_measure(split: CachedSplit, shape: tuple[int, int, int], config: TrainConfig,
+                   variant: dict | None = None):
+    """A measure: one epoch of train_epoch (the same head and optimizer, epoch after epoch),
+    as head.train does it, or under a `what_if` variant."""
+    torch.manual_seed(config.seed)
+    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
+                           pool=config.pool, attention=config.attention))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    epochs = itertools.count(1)
+
+    def measure() -> float:
+        with what_if(**(variant or {})), common.Timer() as timer:
+            train_epoch(head, optimizer, split, config, next(epochs), generator)
+        return timer.seconds
+
+    return measure
+
+
+def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainConfig,
+                       pairs: int):
+    """A measure: one training step of `pairs` pairs through trunk + head, extrapolated to
+    seconds per epoch of PAIRS pairs."""
+    torch.manual_seed(config.seed)
+    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
+                           pool=config.pool, attention=config.attention))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2 * pairs, 3, *DEFAULT_INPUT_SIZE, generator=generator).contiguous(
+        memory_format=torch.channels_last)  # lefts then rights, (2P, 3, H, W)
+    head.train()
+
+    def step() -> None:
+        with torch.no_grad():  # the trunk is frozen; its output feeds the head's autograd
+            features = torch.cat([trunk(chunk) for chunk in images.split(TRUNK_CHUNK)])
+        anchors = head(features[:pairs])  # (P, D)
+        positives = head(features[pairs:])  # (P, D)
+        loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    def measure() -> float:
+        with common.Timer() as timer:
+            step()
+        return timer.seconds * PAIRS / pairs
+
+    return measure
+
+
+def profile_epoch(measure, backbone: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = measure()
+    click.echo(f"\nprofile of one cached {backbone} epoch ({seconds:.2f} s), by self CPU time:")
+    click.echo(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e_pairs: int,
+          profile: bool, what_ifs: bool) -> list[list]:
+    shape = SHAPES[backbone]
+    loaded = real_split(cache, data) if cache else None
+    split, label = loaded or synthetic_split(shape)
+    if tuple(split.features.shape[1:]) != shape:
+        raise click.ClickException(f"{cache} holds {tuple(split.features.shape[1:])} maps, "
+                                   f"not {backbone}'s {shape} at 245 x 200")
+    config = TrainConfig(cache=str(cache or "synthetic"), name="bench")  # the defaults
+    steps = math.ceil(PAIRS / config.batch_size)
+    click.echo(f"{backbone}: {label} features {shape}, {len(split.train_left)} pairs, batch "
+               f"{config.batch_size} ({steps} steps/epoch); end to end timed on {e2e_pairs} "
+               f"pairs/step; {rounds} rounds")
+    cached = cached_measure(split, shape, config)
+    trunk = Trunk(TrunkSpec.resolve(backbone, None, "none")).to(memory_format=torch.channels_last)
+    end_to_end = end_to_end_measure(trunk, shape, config, e2e_pairs)
+    with torch.no_grad():  # warm-up: allocator, oneDNN kernels for the chunk shape
+        trunk(torch.rand(min(TRUNK_CHUNK, 2 * e2e_pairs), 3, *DEFAULT_INPUT_SIZE).contiguous(
+            memory_format=torch.channels_last))
+    measures = {"cached": cached, "end-to-end": end_to_end}
+    if what_ifs:
+        measures |= {name: cached_measure(split, shape, config, variant)
+                     for name, variant in WHAT_IFS.items()}
+    for name, measure in measures.items():
+        if name != "end-to-end":
+            measure()  # warm-up epoch
+    results = common.interleave(measures, rounds, log=click.echo)
+    ratios = [e / c for c, e in zip(results["cached"], results["end-to-end"], strict=True)]
+    seconds, ratio = common.median(results["cached"]), common.median(ratios)
+    if profile:
+        profile_epoch(cached, backbone)
+    target = TARGET_SECONDS[backbone]
+    rows = [[backbone, label.split()[0], seconds, common.spread(results["cached"]),
+             f"<= {target:g}", common.verdict(seconds, target, at_least=False),
+             common.median(results["end-to-end"]), common.spread(results["end-to-end"]), ratio,
+             common.verdict(ratio, TARGET_RATIO)]]
+    for name in WHAT_IFS if what_ifs else ():
+        seconds = common.median(results[name])
+        rows.append([f"  {name}", "", seconds, common.spread(results[name]), f"<= {target:g}",
+                     common.verdict(seconds, target, at_least=False), "", "", "", ""])
+    return rows
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              default=None, help="Dataset a real cache was built from [default: the one its "
+              "metadata names].")
+@click.option("--quick", is_flag=True, help="Fewer rounds, a smaller end-to-end step.")
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(sorted(SHAPES)),
+              default=("vgg16", "resnet50"))
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+              default=common.REPO_ROOT / "cache",
+              help="Where to look for real caches <backbone>-<layer>-none.h5 (read only).")
+@click.option("--synthetic", is_flag=True, help="Random features even where a real cache is.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Alternations of the two measurements [default: 3, --quick 2].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch intra-op threads [default: torch's own choice].")
+@click.option("--profile", is_flag=True,
+              help="Also profile one cached epoch per backbone (torch.profiler, top ops).")
+@click.option("--what-if", "what_ifs", is_flag=True,
+              help="Also race cached epochs with GridMaxPool as one adaptive_max_pool2d "
+              "(patched in this process only) and/or on 1 thread.")
+def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], cache_dir: Path,
+        synthetic: bool, rounds: int | None, threads: int | None, profile: bool,
+        what_ifs: bool) -> None:
+    """Head training s/epoch on cached features vs through the trunk (targets: <= 2 s VGG16,
+    <= 8 s ResNet50, ratio >= 1000)."""
+    common.set_threads(threads)
+    rounds = rounds or (2 if quick else 3)
+    e2e_pairs = 16 if quick else TrainConfig.batch_size
+    click.echo(common.environment())
+    rows = []
+    for backbone in backbones:
+        cache = None if synthetic else \
+            cache_dir / f"{backbone}-{BACKBONES[backbone].default_layer}-none.h5"
+        rows += bench(backbone, cache, data, rounds, e2e_pairs, profile, what_ifs)
+    click.echo()
+    click.echo(common.table(
+        ["backbone", "features", "cached s/epoch", "(range)", "target", "", "end-to-end s/epoch",
+         "(range)", "ratio", f"target >= {TARGET_RATIO:g}"], rows))
+    click.echo(f"epoch = {PAIRS} pairs, default TrainConfig; ratio: median over rounds of "
+               "end-to-end / cached")
+    if any(row[5] != "met" for row in rows) and not profile:
+        click.echo("a cached epoch missed its target: rerun with --profile to see where the "
+                   "time goes")
+
+
+if __name__ == "__main__":
+    cli()
