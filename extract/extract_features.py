@@ -113,7 +113,8 @@ def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple
             with torch.autocast(device.type, dtype=torch.float16,
                                 enabled=amp and device.type == "cuda"):
                 features = trunk(images)  # (B, C, h, w)
-            writer.write(rows, features.to(torch.float16).cpu().numpy())
+            # the DataLoader hands the row indices back as a tensor; the cache takes numpy
+            writer.write(np.asarray(rows), features.to(torch.float16).cpu().numpy())
             bar.update(len(rows))
 
 

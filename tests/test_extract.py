@@ -270,20 +270,16 @@ def test_overwrite_rebuilds(tiny: Path, resnet_cache: Path) -> None:
 # --- resuming after a kill or Ctrl-C ------------------------------------------------------------
 
 
-def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
-    """`python -m extract` with the settings of `caches["resnet50"]`, output into `log`."""
-    command = [
-        sys.executable,
-        "-m",
-        "extract",
+def _extract_arguments(data: Path, out: Path) -> list[str]:
+    return [
         "--backbone",
         "resnet50",
-        "--weights",
-        "none",
         "--data",
         str(data),
         "--out",
         str(out),
+        "--weights",
+        "none",
         "--input-size",
         *map(str, SIZE),
         "--batch-size",
@@ -293,6 +289,11 @@ def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
         "--device",
         "cpu",
     ]
+
+
+def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
+    """`python -m extract` with the settings of `caches["resnet50"]`, output into `log`."""
+    command = [sys.executable, "-m", "extract", *_extract_arguments(data, out)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the child
         return subprocess.Popen(
@@ -409,27 +410,6 @@ def _break_an_image(data: Path) -> tuple[str, bytes]:
     original = image.read_bytes()
     image.write_bytes(b"this is not a JPEG" * 10)
     return key, original
-
-
-def _extract_arguments(data: Path, out: Path) -> list[str]:
-    return [
-        "--backbone",
-        "resnet50",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--weights",
-        "none",
-        "--input-size",
-        *map(str, SIZE),
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
 
 
 def test_bad_image_stops_with_its_name(dataset_copy: Path, tmp_path: Path) -> None:
@@ -595,6 +575,19 @@ def test_read_features_names_a_missing_key(caches: dict[str, Path]) -> None:
     keys = read_keys(caches["resnet50"])
     with pytest.raises(CacheError, match="train/left/zzz"):
         read_features(caches["resnet50"], [keys[0], "train/left/zzz"])
+
+
+def test_rows_written_out_of_order_read_back(caches: dict[str, Path], tmp_path: Path) -> None:
+    """A writer fed scattered rows (as a shard would be) ends with the same cache."""
+    info = read_info(caches["resnet50"])
+    keys = read_keys(caches["resnet50"])
+    expected = read_features(caches["resnet50"], keys)
+    out = tmp_path / "x.h5"
+    writer = CacheWriter(out, keys, info)
+    for rows in (np.arange(1, len(keys), 2), np.arange(0, len(keys), 2)):  # odd rows, then even
+        writer.write(rows, expected[rows])
+    assert writer.finish() == out
+    assert read_features(out, keys).tobytes() == expected.tobytes()
 
 
 def test_unfinished_cache_is_refused(
