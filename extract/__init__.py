@@ -1,15 +1,25 @@
 """Stage 1: the Kaggle-layout data layer, the synthetic look-alike set, and the frozen-trunk
 feature cache. This package's top level imports no torch, so that `infer/` can use the data layer
-with onnxruntime alone. It also holds what every command shares: the package logger and the
-rule that bad input ends in one clear message and a non-zero exit."""
+with onnxruntime alone. It also holds what every command shares: the package logger, the
+project's version, the path type of every command's options, and the rule that bad input ends
+in one clear message and a non-zero exit."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 import sys
+from pathlib import Path
+
+import click
 
 logger = logging.getLogger("tll")
+
+try:
+    __version__ = importlib.metadata.version("tll")
+except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "unknown"
 
 
 class UserError(Exception):
@@ -25,10 +35,23 @@ def setup_logging() -> None:
         logger.propagate = False
 
 
+class UserPath(click.Path):
+    """click.Path giving a pathlib.Path with `~` expanded (a shell leaves `--out=~/x` as is)."""
+
+    def __init__(self, **options):
+        super().__init__(path_type=Path, **options)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            value = str(Path(value).expanduser())
+        return super().convert(value, param, ctx)
+
+
 @contextlib.contextmanager
-def user_errors():
-    """For click commands: a UserError becomes `Error: <message>` and exit 1, not a traceback."""
-    import click
+def user_errors(interrupted: str = "interrupted; nothing was written"):
+    """For click commands: a UserError becomes `Error: <message>` and exit 1, not a traceback;
+    so do Ctrl-C (with `interrupted`, which says what is left) and a full disk."""
+    from extract.files import is_disk_full
 
     setup_logging()
     try:
@@ -36,4 +59,9 @@ def user_errors():
     except UserError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; rerun the same command to resume") from None
+        raise click.ClickException(interrupted) from None
+    except OSError as error:
+        if error.filename and is_disk_full(error, Path(error.filename).parent):
+            raise click.ClickException(
+                f"no space left on device while writing {error.filename}") from None
+        raise

@@ -7,6 +7,7 @@ named graph node with torchvision's feature extraction (no slicing by index).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,14 +26,13 @@ class Backbone:
     builder: Callable[..., nn.Module]
     weights: models.WeightsEnum  # the ImageNet weights `--weights imagenet` loads
     default_layer: str  # graph node to cut at
-    default_channels: int  # channels at `default_layer`
 
 
 BACKBONES: dict[str, Backbone] = {
     # features: conv5_3 + its max-pool -> 512 x 7 x 6 at 245 x 200
-    "vgg16": Backbone(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "features", 512),
+    "vgg16": Backbone(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "features"),
     # layer4: the last residual stage -> 2048 x 8 x 7 at 245 x 200
-    "resnet50": Backbone(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "layer4", 2048),
+    "resnet50": Backbone(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "layer4"),
 }
 RANDOM_INIT_SEED = 0
 
@@ -47,7 +47,7 @@ class TrunkSpec:
 
     backbone: str
     layer: str
-    weights: str  # "imagenet", "none" or a path to a state dict
+    weights: str  # "imagenet", "none" or the absolute path of a state dict
     weights_id: str  # the torchvision enum name, "random-init seed N", or "sha256:<hex>"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -62,11 +62,12 @@ class TrunkSpec:
         elif weights == "none":
             weights_id = f"random-init seed {RANDOM_INIT_SEED}"
         else:
-            path = Path(weights)
+            path = Path(weights).expanduser()
             if not path.is_file():
                 raise WeightsUnavailable(f"weights file {path} does not exist "
                                          "(--weights takes imagenet, none or a state-dict path)")
-            weights_id = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            # absolute, so that export finds it from any folder
+            weights, weights_id = str(path.resolve()), _file_id(path)
         transform = entry.weights.transforms()
         return cls(backbone, layer or entry.default_layer, weights, weights_id,
                    tuple(transform.mean), tuple(transform.std))
@@ -77,6 +78,24 @@ class TrunkSpec:
         """The spec recorded in a cache's (or a checkpoint's) metadata."""
         return cls(meta["backbone"], meta["layer"], meta["weights"], meta["weights_id"],
                    tuple(meta["mean"]), tuple(meta["std"]))
+
+    def with_weights_file(self, path: str | Path) -> TrunkSpec:
+        """The same trunk with its state dict found at `path` (moved since extraction); refused
+        unless the file is the very one the cache was built with."""
+        path = Path(path).expanduser()
+        if not self.weights_id.startswith("sha256:"):
+            raise UserError(f"this trunk's weights are {self.weights!r}, not a file: "
+                            "--weights PATH does not apply")
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file {path} does not exist")
+        if _file_id(path) != self.weights_id:
+            raise WeightsUnavailable(f"weights file {path} is not the one the cache was built "
+                                     f"with (expected {self.weights_id})")
+        return dataclasses.replace(self, weights=str(path.resolve()))
+
+
+def _file_id(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Trunk(nn.Module):
@@ -103,10 +122,35 @@ class Trunk(nn.Module):
         return self.body((image - self.mean) / self.std)["features"]
 
     def output_shape(self, input_size: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the feature map for an (H, W) input, found by one forward pass."""
+        """(C, h, w) of the feature map for an (H, W) input, found by one forward pass; an input
+        too small for the trunk is refused with the smallest square one it takes."""
+        if not self._runs_at(input_size):
+            raise UserError(f"input size {input_size[0]} x {input_size[1]} is too small for "
+                            f"{self.spec.backbone} {self.spec.layer}: it needs at least "
+                            f"{self._smallest_square()} x {self._smallest_square()}")
         with torch.inference_mode():
             probe = torch.zeros(1, 3, *input_size, device=self.mean.device)
             return tuple(self(probe).shape[1:])
+
+    def _runs_at(self, input_size: tuple[int, int]) -> bool:
+        if min(input_size) < 1:
+            return False
+        try:
+            with torch.inference_mode():
+                self(torch.zeros(1, 3, *input_size, device=self.mean.device))
+        except RuntimeError:  # "Output size is too small", "Kernel size can't be greater"
+            return False
+        return True
+
+    def _smallest_square(self) -> int:
+        """By bisection over square inputs: a handful of forward passes on tiny images."""
+        low, high = 0, 16  # runs at high, not at low
+        while not self._runs_at((high, high)):
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self._runs_at((middle, middle)) else (middle, high)
+        return high
 
 
 def _build(spec: TrunkSpec) -> nn.Module:
@@ -130,14 +174,21 @@ def _build(spec: TrunkSpec) -> nn.Module:
         path = Path(spec.weights)
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist")
-        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = _file_id(path)
         if digest != spec.weights_id:
             raise WeightsUnavailable(
                 f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # not a torch file, a pickle of arbitrary objects, truncated
+            raise WeightsUnavailable(f"weights file {path} is not a readable state dict "
+                                     f"({str(error).splitlines()[0]})") from None
+        if not isinstance(state, dict):
+            raise WeightsUnavailable(f"weights file {path} holds a {type(state).__name__}, not a "
+                                     "state dict (save model.state_dict())")
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError, ValueError) as error:
         raise WeightsUnavailable(f"weights {spec.weights} do not fit {spec.backbone}: "
                                  f"{str(error).splitlines()[0]}") from None
     return model

@@ -9,19 +9,22 @@ Layout under a dataset folder DATA (an id is a file's stem)::
     test/{left,right}/<id>.jpg
 
 Every image is addressed by a key ``split/side/id`` (``train/left/abh``); the feature cache uses
-the same keys. Images may be JPEG or PNG in any common mode; they load as RGB float32 in [0, 1].
-Bad data raises `DataError` whose message names the file and line. Imports no torch.
+the same keys. Images may be JPEG or PNG in any common mode, 8 or 16 bits, with or without an
+EXIF orientation; they load upright as RGB float32 in [0, 1]. A dataset's fingerprint covers what
+its images contain (sha256 of each file), so a cache never keeps the features of an image that
+has changed. Bad data raises `DataError` whose message names the file and line. Imports no torch.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from extract import UserError
 
@@ -51,17 +54,40 @@ class Dataset:
     train_pairs: list[tuple[str, str]]  # (left id, right id), in train.csv order
     test_queries: list[Query]  # in test_candidates.csv order
     images: dict[str, Path]  # key -> image file, for every image the CSVs name
+    _digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def keys(self) -> list[str]:
         """Every image once, grouped by split/side and sorted by id: the cache's row order."""
         return sorted(self.images)
 
+    def files(self) -> list[Path]:
+        """Every file the dataset is read from: its two CSVs and every image."""
+        return [self.root / "train.csv", self.root / "test_candidates.csv",
+                *self.images.values()]
+
+    def digests(self, keys: list[str] | None = None) -> list[str]:
+        """sha256 of each image file's bytes, for `keys` (default: all, in `keys()` order).
+        Each file is read once per Dataset; all 7,200 real images take about a second."""
+        keys = self.keys() if keys is None else keys
+        for key in keys:
+            if key not in self._digests:
+                self._digests[key] = file_sha256(self.images[key])
+        return [self._digests[key] for key in keys]
+
     def fingerprint(self) -> str:
-        """sha256 of the image list (keys and file sizes): tells one dataset from another."""
+        """sha256 of every key with its image's content: tells one dataset, or one version of
+        it, from another."""
         digest = hashlib.sha256()
-        for key in self.keys():
-            digest.update(f"{key}\t{self.images[key].stat().st_size}\n".encode())
+        for key, content in zip(self.keys(), self.digests(), strict=True):
+            digest.update(f"{key}\t{content}\n".encode())
         return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:  # unreadable, a folder, a link loop, a link to nothing
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
 
 
 def image_id(key: str) -> str:
@@ -126,8 +152,12 @@ def read_dataset(root: str | Path) -> Dataset:
 def _index_images(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"image folder {folder} cannot be listed ({error.strerror})") from None
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
+    for path in entries:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in found:
@@ -141,26 +171,42 @@ def _read_csv(path: Path, columns: list[str]) -> list[tuple[int, dict[str, str]]
     """Rows as (line number, row); refuses a missing file, wrong columns, blanks, no rows."""
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        if header != columns:
-            missing = [c for c in columns if c not in header]
-            unexpected = [c for c in header if c not in columns]
-            raise DataError(
-                f"{path}, line 1: expected columns {','.join(columns)}; got {','.join(header)}"
-                + (f" (missing: {', '.join(missing)})" if missing else "")
-                + (f" (unexpected: {', '.join(unexpected)})" if unexpected else "")
-            )
-        rows = []
-        for line, values in enumerate(reader, start=2):
-            if not any(v.strip() for v in values):
-                continue  # a trailing blank line
-            values = [v.strip() for v in values]
-            if len(values) != len(columns) or not all(values):
-                raise DataError(f"{path}, line {line}: expected {len(columns)} non-empty values, "
-                                f"got {values}")
-            rows.append((line, dict(zip(columns, values, strict=True))))
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); "
+                        "save the file as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _rows(path, reader, columns)
+    except csv.Error as error:  # a NUL byte, an unclosed quote at the end
+        raise DataError(f"{path}, line {reader.line_num}: not a readable CSV ({error})") from None
+
+
+def _rows(path: Path, reader, columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+    header = [name.strip() for name in next(reader, [])]
+    if header != columns:
+        missing = [c for c in columns if c not in header]
+        unexpected = [c for c in header if c not in columns]
+        raise DataError(
+            f"{path}, line 1: expected columns {','.join(columns)}; got {','.join(header)}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (unexpected: {', '.join(unexpected)})" if unexpected else "")
+        )
+    rows = []
+    for line, values in enumerate(reader, start=2):
+        if not any(v.strip() for v in values):
+            continue  # a trailing blank line
+        values = [v.strip() for v in values]
+        if len(values) != len(columns) or not all(values):
+            raise DataError(f"{path}, line {line}: expected {len(columns)} non-empty values, "
+                            f"got {values}")
+        rows.append((line, dict(zip(columns, values, strict=True))))
     if not rows:
         raise DataError(f"{path} has no rows: the dataset is empty")
     return rows
@@ -175,17 +221,31 @@ def _refuse_duplicates(path: Path, lines_and_ids: list[tuple[int, str]], column:
         first_line[image] = line
 
 
+# 16-bit greyscale PNGs open as I;16 (or I, 32-bit integers holding 16-bit values); F is float
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535,
+               "F": 1}
+
+
 def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_INPUT_SIZE) -> np.ndarray:
-    """Decode an image to RGB float32 (3, H, W) in [0, 1] at `size` (H, W)."""
+    """Decode an image upright (EXIF orientation applied) to RGB float32 (3, H, W) in [0, 1]
+    at `size` (H, W). 16-bit and float greyscale keep their depth: scaled, not clipped to 8 bits."""
     height, width = size
     try:
         with Image.open(path) as image:
             image.load()  # decode fully now, so a truncated file fails here and not later
+            image = ImageOps.exif_transpose(image)  # phone photos store "rotate me" in EXIF
+            if image.mode in _WIDE_MODES:
+                grey = image if image.mode == "F" else image.convert("F")
+                grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+                values = np.asarray(grey, dtype=np.float32) / _WIDE_MODES[image.mode]
+                return np.repeat(np.clip(values, 0, 1)[None], 3, axis=0)  # (3, H, W)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 # transparent pixels often hide arbitrary colours: show them on white
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
             rgb = image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: cannot read image ({error})") from None
     if rgb.size != (width, height):

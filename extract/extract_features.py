@@ -15,13 +15,15 @@ import click
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from extract import logger, user_errors
+from extract import UserPath, logger, user_errors
 from extract.backbones import BACKBONES, Trunk, TrunkSpec, resolve_device
 from extract.cache import CacheInfo, CacheWriter
 from extract.data import DEFAULT_INPUT_SIZE, DataError, load_image, read_dataset
+from extract.files import check_output, exclusive
 
 DEFAULT_CACHE_DIR = Path("cache")
 
@@ -32,7 +34,7 @@ def default_cache_path(spec: TrunkSpec, input_size: tuple[int, int]) -> Path:
     return DEFAULT_CACHE_DIR / f"{spec.backbone}-{spec.layer}-{weights}{size}.h5"
 
 
-class _Blocks(Dataset):
+class _Blocks(TorchDataset):
     """Item b = rows [b * batch, (b + 1) * batch) of the cache, decoded: (rows, images, error)."""
 
     def __init__(self, paths: list[Path], blocks: list[np.ndarray], input_size: tuple[int, int]):
@@ -63,10 +65,11 @@ def main(
     amp: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Extract (or finish extracting) the cache and return its path."""
+    """Extract (or finish extracting, or update) the cache and return its path."""
     dataset = read_dataset(data)
     spec = TrunkSpec.resolve(backbone, layer, weights)
     out = Path(out) if out else default_cache_path(spec, input_size)
+    check_output(out, "cache", inputs=dataset.files())
     torch_device = resolve_device(device)
     if workers is None:
         # on a CPU the trunk needs every core and decoding is ~1% of its time: decode inline
@@ -82,16 +85,18 @@ def main(
     )
     logger.info("extract %s (%s, weights %s) of %d images -> %s, feature map %s",
                 spec.backbone, spec.layer, spec.weights_id, len(keys), out, info.feature_shape)
-    writer = CacheWriter(out, keys, info, overwrite=overwrite)
-    try:
-        if len(writer.missing):
-            _run(trunk, writer, [dataset.images[k] for k in keys], input_size, torch_device,
-                 batch_size, workers, amp)
-        else:
-            logger.info("%s is already complete", out)
-        return writer.finish()
-    finally:
-        writer.close()
+    # everything so far only read; from here on the cache is written, by one process at a time
+    with exclusive(out):
+        writer = CacheWriter(out, keys, dataset.digests(), info, overwrite=overwrite)
+        try:
+            if len(writer.missing):
+                _run(trunk, writer, [dataset.images[k] for k in keys], input_size,
+                     torch_device, batch_size, workers, amp)
+            else:
+                logger.info("%s is already complete", out)
+            return writer.finish()
+        finally:
+            writer.close()
 
 
 def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple[int, int],
@@ -121,9 +126,9 @@ def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--backbone", type=click.Choice(sorted(BACKBONES)), required=True,
               help="Frozen trunk to run.")
-@click.option("--data", type=click.Path(path_type=Path), default=Path("data"),
+@click.option("--data", type=UserPath(), default=Path("data"),
               help="Dataset folder in the Kaggle layout (train.csv, test_candidates.csv, ...).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=UserPath(), default=None,
               help="Cache file [default: cache/<backbone>-<layer>-<weights>.h5].")
 @click.option("--layer", default=None,
               help="Graph node to cut at [default: features for vgg16, layer4 for resnet50; "
@@ -131,7 +136,8 @@ def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple
 @click.option("--weights", default="imagenet",
               help="imagenet (torchvision's, from the torch hub cache), none (random init, "
                    "fixed seed), or the path of a state dict.")
-@click.option("--input-size", type=(int, int), default=DEFAULT_INPUT_SIZE,
+@click.option("--input-size", type=(click.IntRange(min=1), click.IntRange(min=1)),
+              default=DEFAULT_INPUT_SIZE,
               help="Image size H W fed to the trunk.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
@@ -143,6 +149,6 @@ def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple
 def cli(**options) -> None:
     """Run a frozen VGG16/ResNet50 trunk over every image and store its feature maps in an
     HDF5 cache. Rerun the same command to resume an interrupted extraction."""
-    with user_errors():
+    with user_errors(interrupted="interrupted; rerun the same command to resume"):
         path = main(**options)
     click.echo(path)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import itertools
-import os
-import shutil
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +19,9 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from extract import logger, setup_logging
+from extract import UserError, UserPath, logger, setup_logging, user_errors
 from extract.data import DEFAULT_INPUT_SIZE, N_CANDIDATES
+from extract.files import atomic_output, check_output
 
 IMAGE_HEIGHT, IMAGE_WIDTH = DEFAULT_INPUT_SIZE
 JPEG_QUALITY = 90
@@ -290,53 +288,22 @@ def _write_dataset(root: Path, train: list[Pair], test: list[Pair], seed: int) -
     _write_csv(root / "sample-submission.csv", candidate_header, submission_rows)
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not _is_empty_dir(out) and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists and is not empty; pass --overwrite to replace it"
-        )
-
-
-def _move_into_place(built: Path, out: Path) -> None:
-    """Put `built` at `out`, so that `out` is never seen half-written."""
-    if not out.exists() or _is_empty_dir(out):
-        os.replace(built, out)  # an empty directory is replaced atomically
-        return
-    # A non-empty `out` cannot be replaced in one step: move it aside first, then delete it.
-    old = Path(f"{built}-old")
-    os.replace(out, old)
-    os.replace(built, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def main(
     out: Path, pairs: int = 200, queries: int = 40, seed: int = 0, overwrite: bool = False
 ) -> Path:
     """Write a synthetic dataset of `pairs` train pairs and `queries` test queries to `out`.
 
     Same arguments give byte-identical files. Raises ValueError for impossible sizes and
-    FileExistsError when `out` is non-empty and `overwrite` is false.
+    UserError when `out` is a non-empty folder (or a file) and `overwrite` is false; `out`
+    appears whole or not at all.
     """
     out = Path(out)
     train, test = plan_pairs(pairs, queries, seed)  # validates the sizes before touching disk
-    _refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling folder (same filesystem, so the final rename is atomic).
-    built = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
+    check_output(out, "dataset folder", folder=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    with atomic_output(out, folder=True, overwrite=overwrite) as built:
         _write_dataset(built, train, test, seed)
-        _refuse_existing(out, overwrite)  # something may have appeared at `out` meanwhile
-        _move_into_place(built, out)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
     logger.info(
         "wrote synthetic dataset (%d train pairs, %d test queries, seed %d) to %s",
         pairs,
@@ -352,7 +319,7 @@ def main(
     "train/{left,right}/*.jpg, test_candidates.csv, test/{left,right}/*.jpg and "
     "sample-submission.csv. Deterministic: the same options give byte-identical files."
 )
-@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out", type=UserPath(file_okay=False))
 @click.option("--pairs", default=200, show_default=True, help="Number of train pairs.")
 @click.option(
     "--queries",
@@ -363,12 +330,11 @@ def main(
 @click.option("--seed", default=0, show_default=True, help="Random seed; same seed, same bytes.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 def cli(out: Path, pairs: int, queries: int, seed: int, overwrite: bool) -> None:
-    try:
-        main(out, pairs=pairs, queries=queries, seed=seed, overwrite=overwrite)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from error
-    except FileExistsError as error:
-        raise click.ClickException(str(error)) from error
+    with user_errors():
+        try:
+            main(out, pairs=pairs, queries=queries, seed=seed, overwrite=overwrite)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from error
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ against eager torch in ONNX Runtime at two batch sizes before it is kept.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,20 +17,24 @@ import numpy as np
 import onnx
 import torch
 
-from extract import UserError, logger, user_errors
+from extract import UserError, UserPath, __version__, logger, user_errors
 from extract.backbones import Trunk, TrunkSpec
+from extract.files import atomic_output, check_output
 from head.model import TLLNet, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime vs eager torch
 PARITY_BATCHES = (1, 7)
-PROJECT_VERSION = "0.1.0"
 
 
-def build_network(checkpoint_path: Path) -> tuple[TLLNet, dict]:
-    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU)."""
+def build_network(checkpoint_path: Path, weights: str | Path | None = None
+                  ) -> tuple[TLLNet, dict]:
+    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU);
+    `weights` points at the trunk's state dict where it has moved since extraction."""
     head, checkpoint = load_checkpoint(checkpoint_path)
     cache = checkpoint["cache"]
     spec = TrunkSpec.from_metadata(cache)
+    if weights is not None:
+        spec = spec.with_weights_file(weights)
     trunk = Trunk(spec)
     shape = trunk.output_shape(tuple(cache["input_size"]))
     if tuple(shape) != tuple(cache["feature_shape"]):
@@ -45,7 +47,7 @@ def describe(checkpoint: dict) -> dict[str, str]:
     """The metadata_props of the exported file: everything `infer` needs to use it."""
     cache, config = checkpoint["cache"], checkpoint["train_config"]
     return {
-        "tll_version": PROJECT_VERSION,
+        "tll_version": __version__,
         "backbone": cache["backbone"],
         "layer": cache["layer"],
         "weights": cache["weights"],
@@ -61,24 +63,21 @@ def describe(checkpoint: dict) -> dict[str, str]:
     }
 
 
-def main(run: str | Path, out: str | Path | None = None, opset: int = 18) -> Path:
-    """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx)."""
+def main(run: str | Path, out: str | Path | None = None, weights: str | Path | None = None,
+         opset: int = 18) -> Path:
+    """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx); the
+    file appears only once it has passed the parity check."""
     run = Path(run)
     checkpoint_path = run / "head.pt"
     if not checkpoint_path.is_file():
         raise UserError(f"{run} has no head.pt; pass the folder `python -m head.train` wrote")
     out = Path(out) if out else run / "model.onnx"
-    net, checkpoint = build_network(checkpoint_path)
+    check_output(out, "model", inputs=[checkpoint_path])
+    net, checkpoint = build_network(checkpoint_path, weights)
     height, width = checkpoint["cache"]["input_size"]
     example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     logger.info("export %s (%s) -> %s", run, checkpoint["cache"]["backbone"], out)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.chmod(0o644)  # mkstemp makes it private; the model is an ordinary output file
-    try:
+    with atomic_output(out) as tmp:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's own chatter
             program = torch.onnx.export(
@@ -92,9 +91,6 @@ def main(run: str | Path, out: str | Path | None = None, opset: int = 18) -> Pat
             entry.key, entry.value = key, value
         onnx.save_model(model, tmp)
         check_parity(net, tmp, (height, width))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -117,10 +113,13 @@ def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--run", type=click.Path(path_type=Path), required=True,
+@click.option("--run", type=UserPath(), required=True,
               help="Run folder written by `python -m head.train` (holds head.pt).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=UserPath(), default=None,
               help="ONNX file [default: <run>/model.onnx].")
+@click.option("--weights", type=UserPath(), default=None,
+              help="Where the trunk's state dict is now, if it has moved since extraction "
+                   "(checked by its sha256) [default: the path recorded in the run].")
 @click.option("--opset", type=click.IntRange(min=17), default=18)
 def cli(**options) -> None:
     """Export the trunk and trained head of a run to one ONNX model, checked against torch."""

@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract import UserError
+
 ATTENTIONS = ("spatial", "channel", "none")
+CHECKPOINT_VERSION = 1  # raised whenever a checkpoint of the last version would not load
 
 
 @dataclass(frozen=True)
@@ -126,17 +129,30 @@ class TLLNet(nn.Module):
 
 
 def save_checkpoint(path: Path, head: Head, **description) -> None:
-    """A checkpoint that describes itself: the head's config and weights plus `description`
-    (the caches' metadata, the training config, the best epoch). Written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
+    """A checkpoint that describes itself: its format version, the head's config and weights
+    plus `description` (the caches' metadata, the training config, the best epoch). It is
+    written inside the run's temporary folder, which appears whole or not at all."""
     state = {k: v.cpu() for k, v in head.state_dict().items()}
-    torch.save({"head_config": asdict(head.config), "state_dict": state, **description}, tmp)
-    tmp.replace(path)
+    torch.save({"format_version": CHECKPOINT_VERSION, "head_config": asdict(head.config),
+                "state_dict": state, **description}, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
-    """Rebuild the head from the checkpoint file alone; returns it (eval mode) and the file."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    head = Head(HeadConfig(**checkpoint["head_config"]))
-    head.load_state_dict(checkpoint["state_dict"])
+    """Rebuild the head from the checkpoint file alone; returns it (eval mode) and the file.
+    Refuses, with one message naming the file, one that is damaged or of another format."""
+    retrain = "train it again with `python -m head.train`"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, arbitrary pickled objects
+        raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0]}); "
+                        f"{retrain}") from None
+    version = checkpoint.get("format_version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format {version}, this tll reads "
+                        f"{CHECKPOINT_VERSION}; {retrain}")
+    try:
+        head = Head(HeadConfig(**checkpoint["head_config"]))
+        head.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}); {retrain}") from None
     return head.eval(), checkpoint

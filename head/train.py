@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,15 +21,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract import UserError, logger, user_errors
+from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import resolve_device
-from extract.cache import CacheInfo, read_features, read_info
+from extract.cache import CacheInfo, read_features, read_image_digests, read_info
 from extract.data import N_CANDIDATES, read_dataset, validation_split
+from extract.files import atomic_output, check_output
 from head.loss import NEGATIVES, cosine_triplet_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
 from infer.scoring import candidate_scores, ranking_metrics, score_matrix
 
 DEFAULT_RUNS_DIR = Path("runs")
+MAX_NAME_LENGTH = 100
+MAX_LR = 1.0  # AdamW moves each weight by about lr a step: beyond 1 nothing is learnt
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,19 @@ class CachedSplit:
 
 def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_fraction: float,
                seed: int, device: torch.device) -> CachedSplit:
+    """The train images' features (checked to be of these very images) and the split."""
     dataset = read_dataset(dataset_path or info.dataset)
-    if dataset.fingerprint() != info.dataset_fingerprint:
-        raise UserError(f"{cache} was built from another dataset than {dataset.root} (the image "
-                        "lists differ); extract a cache for this dataset first")
-    pairs, queries = validation_split(dataset, val_fraction, seed)
     keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
                   | {f"train/right/{right}" for _, right in dataset.train_pairs})
+    changed = [key for key, cached, now in zip(keys, read_image_digests(cache, keys),
+                                               dataset.digests(keys), strict=True)
+               if cached != now]
+    if changed:
+        raise UserError(f"{cache} was built from other images than {dataset.root}: "
+                        f"{len(changed)} of its {len(keys)} train images differ (e.g. "
+                        f"{changed[0]}); another dataset, or images changed since: rerun "
+                        "`python -m extract` on this dataset")
+    pairs, queries = validation_split(dataset, val_fraction, seed)
     row = {key: i for i, key in enumerate(keys)}
     features = torch.from_numpy(read_features(cache, keys)).to(device)
     val_keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
@@ -113,11 +120,17 @@ def frozen_baseline(split: CachedSplit) -> dict[str, float]:
 
 def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit,
                 config: TrainConfig, epoch: int, generator: torch.Generator) -> float:
+    """One pass over the training pairs in shuffled batches; returns the mean batch loss.
+    Refuses an epoch that diverges, or ends with every embedding in one point (the head has
+    collapsed: the loss then sits at the margin and nothing can move it again)."""
     head.train()
     order = torch.randperm(len(split.train_left), generator=generator).to(
         split.features.device)
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     batches = [b for b in batches if len(b) > 1]  # a lone pair has no in-batch negative
+    if not batches:
+        raise UserError(f"{len(order)} training pair(s) make no batch of two; an epoch would "
+                        "take no step")
     total = 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
     for number, batch in enumerate(bar, start=1):
@@ -132,15 +145,49 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit
         optimizer.step()
         total += loss.item()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(len(batches), 1)
+    if embeddings_collapsed(torch.cat([anchors, positives]).detach()):
+        raise UserError(f"the head collapsed in epoch {epoch}: every embedding is the same "
+                        "point, so the loss sits at the margin; try a lower --lr")
+    return total / len(batches)
+
+
+def embeddings_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    """Whether unit embeddings (N, D) all lie within `tolerance` of their mean: one point."""
+    spread = (embeddings - embeddings.mean(dim=0)).norm(dim=1)  # (N,)
+    return bool(spread.max() < tolerance)
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name: it can never point outside the runs folder."""
+    problem = None
+    if not name or name in (".", ".."):
+        problem = "it names no folder of its own"
+    elif "/" in name or "\\" in name:
+        problem = "it holds a path separator"
+    elif name.startswith("."):
+        problem = "it starts with a dot (hidden names are kept for temporary files)"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"it is longer than {MAX_NAME_LENGTH} characters"
+    elif not name.isprintable():
+        problem = "it holds a control character"
+    if problem:
+        raise UserError(f"--name {name!r} is not a plain folder name: {problem}")
 
 
 def main(cache: str | Path, name: str | None = None, data: str | Path | None = None,
-         runs_dir: str | Path = DEFAULT_RUNS_DIR, **options) -> Path:
-    """Train a head on `cache`; returns the run folder. `options` are TrainConfig's fields."""
+         runs_dir: str | Path = DEFAULT_RUNS_DIR, overwrite: bool = False, **options) -> Path:
+    """Train a head on `cache`; returns the run folder `runs_dir/name`, which appears only once
+    training has finished. An existing run folder is refused unless `overwrite`.
+    `options` are TrainConfig's fields."""
     cache = Path(cache)
-    info = read_info(cache)
     name = name or f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name)
+    run = Path(runs_dir) / name
+    check_output(run, "run folder", folder=True)
+    if (run.exists() or run.is_symlink()) and not overwrite:
+        raise UserError(f"run folder {run} exists; pass --overwrite to replace it, or choose "
+                        "another --name")
+    info = read_info(cache)
     config = TrainConfig(cache=str(cache), name=name, **options)
     if config.negatives not in NEGATIVES or config.attention not in ATTENTIONS:
         raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}")
@@ -150,6 +197,10 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
     logger.info("config %s", json.dumps(asdict(config)))
     split = load_split(cache, info, Path(data) if data else None, config.val_fraction,
                        config.seed, device)
+    if len(split.train_left) < 2:
+        raise UserError(f"{len(split.train_left)} training pair(s) left after holding out "
+                        f"{len(split.val_truth)} for validation: training needs at least 2; "
+                        "lower --val-fraction")
     has_val = len(split.val_truth) > 0
     baseline = frozen_baseline(split) if has_val else None
     if baseline:
@@ -166,11 +217,7 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
 
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=runs_dir))
-    work.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary output
-    try:
+    with atomic_output(run, folder=True, overwrite=overwrite) as work:
         history = []
         best = None
         for epoch in range(1, config.epochs + 1):
@@ -199,13 +246,6 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                    "best": best}
         (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(history, baseline, work / "curves.png")
-        run = runs_dir / name
-        if run.exists():
-            shutil.rmtree(run)
-        work.rename(run)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     log_summary(history, baseline, best)
     return run
 
@@ -228,7 +268,7 @@ def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
     else:
         right.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -248,16 +288,21 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--cache", type=click.Path(path_type=Path), required=True,
+@click.option("--cache", type=UserPath(), required=True,
               help="Feature cache written by `python -m extract`.")
-@click.option("--name", default=None, help="Run folder name [default: <cache>-<time>].")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--name", default=None,
+              help="Run folder name, a plain folder name [default: <cache>-<time>].")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run folder <runs-dir>/<name> if it exists (it is refused "
+                   "otherwise).")
+@click.option("--data", type=UserPath(), default=None,
               help="Dataset folder [default: the one the cache was built from].")
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=DEFAULT_RUNS_DIR)
+@click.option("--runs-dir", type=UserPath(), default=DEFAULT_RUNS_DIR)
 @click.option("--epochs", type=click.IntRange(min=1), default=_defaults["epochs"])
 @click.option("--batch-size", type=click.IntRange(min=2), default=_defaults["batch_size"],
               help="Pairs per batch; each anchor gets batch-size - 1 in-batch negatives.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_defaults["lr"])
+@click.option("--lr", type=click.FloatRange(min=0, max=MAX_LR, min_open=True),
+              default=_defaults["lr"])
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=_defaults["weight_decay"])
 @click.option("--margin", type=click.FloatRange(min=0), default=_defaults["margin"])
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=_defaults["embedding_dim"])
@@ -273,7 +318,8 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_defaults["device"])
 def cli(**options) -> None:
     """Train the attention / max-pool / FC head with a cosine triplet loss on a feature cache."""
-    with user_errors():
+    with user_errors(interrupted="interrupted; no run folder was written (training does not "
+                                 "resume: rerun to train again)"):
         run = main(**options)
     click.echo(run)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from extract import UserError, logger, user_errors
+from extract import UserError, UserPath, logger, user_errors
 from extract.data import (
     CANDIDATE_COLUMNS,
     Query,
@@ -24,6 +22,7 @@ from extract.data import (
     read_dataset,
     validation_split,
 )
+from extract.files import atomic_output, check_output
 from infer.scoring import candidate_scores, ranking_metrics, score_matrix
 from infer.session import ModelInfo, open_session
 
@@ -63,16 +62,10 @@ def rank(session, info: ModelInfo, images: dict[str, Path], queries: list[Query]
     return candidate_scores(scores, candidates)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _write_text(path: Path, write) -> Path:
+    """Call `write(file)` on a text file that appears at `path` only once it is whole."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        write(f)
     return path
 
 
@@ -87,7 +80,7 @@ def write_submission(path: Path, queries: list[Query], scores: np.ndarray) -> Pa
         for query, row in zip(queries, scores, strict=True):
             writer.writerow([image_id(query.left)] + [f"{s:.9g}" for s in row])
 
-    return _atomic_write(path, write)
+    return _write_text(path, write)
 
 
 def write_report(path: Path, queries: list[Query], scores: np.ndarray, metrics: dict) -> Path:
@@ -96,14 +89,18 @@ def write_report(path: Path, queries: list[Query], scores: np.ndarray, metrics: 
         {"left": image_id(q.left), "candidates": [image_id(c) for c in q.candidates],
          "truth": q.truth, "scores": [round(float(s), 6) for s in row]}
         for q, row in zip(queries, scores, strict=True)]}
-    return _atomic_write(path, lambda f: json.dump(report, f, indent=1))
+    return _write_text(path, lambda f: json.dump(report, f, indent=1))
 
 
 def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
          device: str = "auto", batch_size: int = 32) -> Path:
     """Rank the split's candidates; returns the submission (test) or report (val) written."""
-    session, info = open_session(onnx, device)
     dataset = read_dataset(data)
+    if split not in DEFAULT_OUT:
+        raise UserError(f"unknown split {split!r}; choose test or val")
+    out = Path(out) if out else DEFAULT_OUT[split]
+    check_output(out, "output", inputs=[Path(onnx), *dataset.files()])
+    session, info = open_session(onnx, device)
     if split == "test":
         queries = dataset.test_queries
     elif split == "val":
@@ -113,10 +110,7 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
             raise UserError(f"{onnx} was trained on another dataset than {dataset.root}: its "
                             "validation split cannot be rebuilt here")
         queries = validation_split(dataset, info.val_fraction, info.split_seed)[1]
-    else:
-        raise UserError(f"unknown split {split!r}; choose test or val")
     scores = rank(session, info, dataset.images, queries, batch_size)
-    out = Path(out) if out else DEFAULT_OUT[split]
     if split == "test":
         return write_submission(out, queries, scores)
     metrics = ranking_metrics(scores, np.array([q.truth for q in queries]))
@@ -128,13 +122,13 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--onnx", type=click.Path(path_type=Path), required=True,
+@click.option("--onnx", type=UserPath(), required=True,
               help="Model exported by `python -m head.export`.")
-@click.option("--data", type=click.Path(path_type=Path), default=Path("data"),
+@click.option("--data", type=UserPath(), default=Path("data"),
               help="Dataset folder in the Kaggle layout.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test",
               help="test: write the submission; val: score the training run's validation split.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=UserPath(), default=None,
               help="[default: submission.csv for test, val-report.json for val]")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)

@@ -25,7 +25,6 @@ class ModelInfo:
     """What an exported file says about itself (its metadata_props)."""
 
     input_size: tuple[int, int]  # (H, W)
-    backbone: str
     val_fraction: float | None
     split_seed: int | None
     dataset_fingerprint: str | None
@@ -33,19 +32,20 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, path: Path, props: dict[str, str]) -> ModelInfo:
+        """Read and check the metadata; anything damaged is refused naming the file and key."""
         if "input_size" not in props:
             raise UserError(f"{path} has no input_size in its metadata; export it with "
                             "`python -m head.export`")
-        height, width = json.loads(props["input_size"])
-        optional = {k: props.get(k) for k in ("val_fraction", "split_seed")}
-        return cls(
-            input_size=(int(height), int(width)),
-            backbone=props.get("backbone", "?"),
-            val_fraction=float(optional["val_fraction"]) if optional["val_fraction"] else None,
-            split_seed=int(optional["split_seed"]) if optional["split_seed"] else None,
-            dataset_fingerprint=props.get("dataset_fingerprint"),
-            val_metrics=json.loads(props.get("val_metrics", "{}")),
-        )
+        try:
+            height, width = (int(n) for n in json.loads(props["input_size"]))
+            val_fraction = float(props["val_fraction"]) if props.get("val_fraction") else None
+            split_seed = int(props["split_seed"]) if props.get("split_seed") else None
+            val_metrics = json.loads(props.get("val_metrics", "{}"))
+        except (ValueError, TypeError) as error:  # not JSON, not numbers, not two of them
+            raise UserError(f"{path} has damaged metadata ({error}); export it again with "
+                            "`python -m head.export`") from None
+        return cls(input_size=(height, width), val_fraction=val_fraction, split_seed=split_seed,
+                   dataset_fingerprint=props.get("dataset_fingerprint"), val_metrics=val_metrics)
 
 
 def open_session(path: str | Path, device: str = "auto") -> tuple[ort.InferenceSession, ModelInfo]:
@@ -73,5 +73,9 @@ def open_session(path: str | Path, device: str = "auto") -> tuple[ort.InferenceS
         raise UserError("--device cuda asked for, but ONNX Runtime could not start its CUDA "
                         "provider (see the error above: usually missing CUDA or cuDNN libraries)")
     logger.info("onnxruntime %s runs %s on %s", ort.__version__, path.name, running)
-    props = session.get_modelmeta().custom_metadata_map
-    return session, ModelInfo.from_metadata(path, props)
+    info = ModelInfo.from_metadata(path, session.get_modelmeta().custom_metadata_map)
+    graph_size = tuple(session.get_inputs()[0].shape[2:])  # (N, 3, H, W): H, W fixed at export
+    if graph_size != info.input_size:
+        raise UserError(f"{path}: its metadata says input size {info.input_size}, its graph "
+                        f"takes {graph_size}; export it again with `python -m head.export`")
+    return session, info

@@ -4,6 +4,7 @@ clean errors a user gets for bad images, a missing folder and unavailable weight
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -31,6 +32,7 @@ from extract.cache import (
     CacheWriter,
     partial_path,
     read_features,
+    read_image_digests,
     read_info,
     read_keys,
 )
@@ -110,9 +112,11 @@ def test_cache_schema_and_contents(
     feature_shape = trunk.output_shape(SIZE)
     assert feature_shape[0] == CHANNELS[backbone]
 
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted(f"{b}.h5" for b in CHANNELS)
+    # each cache and the hidden lock file its writer held, nothing else
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        [f"{b}.h5" for b in CHANNELS] + [f".{b}.h5.lock" for b in CHANNELS])
     with h5py.File(path, "r") as file:
-        assert set(file) == {"keys", "features", "done"}
+        assert set(file) == {"keys", "features", "done", "image_sha256"}
         assert [k.decode() for k in file["keys"][:]] == keys
         assert h5py.check_string_dtype(file["keys"].dtype).encoding == "utf-8"
         assert file["features"].dtype == np.float16
@@ -121,13 +125,14 @@ def test_cache_schema_and_contents(
         assert file["done"].dtype == np.uint8
         assert file["done"].shape == (len(keys),)
         assert (file["done"][:] == 1).all()
+        assert [d.decode() for d in file["image_sha256"][:]] == dataset.digests()
         attrs = dict(file.attrs)
         features = file["features"][:]
 
     complete = attrs.pop("complete")
     assert isinstance(complete, bool | np.bool_) and complete
     expected = {
-        "schema_version": 1,
+        "schema_version": 2,
         "backbone": backbone,
         "layer": DEFAULT_LAYER[backbone],
         "weights": "none",
@@ -198,7 +203,7 @@ def test_rerun_on_complete_cache_does_nothing(synthetic: Path, resnet_cache: Pat
     before = (sha256(resnet_cache), resnet_cache.stat().st_mtime_ns)
     assert extract(synthetic, resnet_cache) == resnet_cache
     assert (sha256(resnet_cache), resnet_cache.stat().st_mtime_ns) == before
-    assert sorted(p.name for p in resnet_cache.parent.iterdir()) == ["x.h5"]
+    assert sorted(p.name for p in resnet_cache.parent.iterdir()) == [".x.h5.lock", "x.h5"]
 
 
 MISMATCHES = {
@@ -239,18 +244,46 @@ def test_cli_refuses_cache_built_for_something_else(
     assert not resnet_cache.with_name("x.h5.partial").exists()
 
 
-def test_refuses_other_weights_and_other_dataset(
-    synthetic: Path, dataset_copy: Path, resnet_cache: Path, state_dict: Path
+def test_refuses_other_weights_and_other_images(
+    synthetic: Path, tiny: Path, resnet_cache: Path, state_dict: Path
 ) -> None:
     before = sha256(resnet_cache)
     with pytest.raises(CacheError, match="weights_id.*--overwrite"):
         extract(synthetic, resnet_cache, weights=str(state_dict))
-    image = sorted((dataset_copy / "train" / "left").iterdir())[3]
-    with image.open("ab") as handle:
-        handle.write(b"\0\0")  # the same images, one of them changed
-    with pytest.raises(CacheError, match="dataset_fingerprint.*--overwrite"):
-        extract(dataset_copy, resnet_cache)
+    with pytest.raises(CacheError, match="image list differs.*--overwrite"):
+        extract(tiny, resnet_cache)
     assert sha256(resnet_cache) == before
+
+
+def _swap_two_images(data: Path) -> tuple[str, str]:
+    """Give the 4th train left the 5th one's bytes (and the reverse); returns their keys."""
+    first, second = sorted((data / "train" / "left").iterdir())[3:5]
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    return f"train/left/{first.stem}", f"train/left/{second.stem}"
+
+
+def test_rerun_recomputes_the_images_that_changed(
+    dataset_copy: Path, resnet_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A complete cache whose images have since changed is brought up to date, row by row."""
+    keys = read_keys(resnet_cache)
+    before = read_features(resnet_cache, keys)
+    first, second = _swap_two_images(dataset_copy)
+    with caplog.at_level(logging.INFO, logger="tll"):
+        extract(dataset_copy, resnet_cache)
+    assert "2 images of" in caplog.text and "computing them again" in caplog.text
+    after = read_features(resnet_cache, keys)
+    i, j = keys.index(first), keys.index(second)
+    assert after[i].tobytes() == before[j].tobytes() and after[j].tobytes() == before[i].tobytes()
+    unchanged = np.ones(len(keys), dtype=bool)
+    unchanged[[i, j]] = False
+    assert after[unchanged].tobytes() == before[unchanged].tobytes()
+    dataset = read_dataset(dataset_copy)
+    assert read_info(resnet_cache).dataset_fingerprint == dataset.fingerprint()
+    assert read_image_digests(resnet_cache, keys) == dataset.digests()
+    assert not partial_path(resnet_cache).exists()
 
 
 def test_overwrite_rebuilds(tiny: Path, resnet_cache: Path) -> None:
@@ -264,7 +297,7 @@ def test_overwrite_rebuilds(tiny: Path, resnet_cache: Path) -> None:
     assert read_keys(out) == read_dataset(tiny).keys()
     with h5py.File(out, "r") as file:
         assert file["features"].shape == (42, 2048, 1, 1)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["x.h5"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".x.h5.lock", "x.h5"]
 
 
 # --- resuming after a kill or Ctrl-C ------------------------------------------------------------
@@ -583,7 +616,7 @@ def test_rows_written_out_of_order_read_back(caches: dict[str, Path], tmp_path: 
     keys = read_keys(caches["resnet50"])
     expected = read_features(caches["resnet50"], keys)
     out = tmp_path / "x.h5"
-    writer = CacheWriter(out, keys, info)
+    writer = CacheWriter(out, keys, read_image_digests(caches["resnet50"], keys), info)
     for rows in (np.arange(1, len(keys), 2), np.arange(0, len(keys), 2)):  # odd rows, then even
         writer.write(rows, expected[rows])
     assert writer.finish() == out
@@ -596,7 +629,7 @@ def test_unfinished_cache_is_refused(
     info = read_info(caches["resnet50"])
     keys = read_keys(caches["resnet50"])
     out = tmp_path / "x.h5"
-    writer = CacheWriter(out, keys, info)
+    writer = CacheWriter(out, keys, read_image_digests(caches["resnet50"], keys), info)
     writer.write(np.arange(8), np.zeros((8, *info.feature_shape), dtype=np.float16))
     with pytest.raises(CacheError, match="missing"):
         writer.finish()
@@ -616,11 +649,24 @@ def test_unfinished_cache_is_refused(
         read_info(not_hdf5)
 
 
-def test_cache_info_round_trips(caches: dict[str, Path]) -> None:
+def test_cache_info_round_trips(caches: dict[str, Path], tiny: Path) -> None:
     info = read_info(caches["vgg16"])
     assert isinstance(info, CacheInfo)
-    assert info.mismatches(info) == []
     assert info.input_size == SIZE and isinstance(info.input_size, tuple)
+    assert info.feature_shape == (512, 2, 2) and isinstance(info.feature_shape, tuple)
+    dataset = read_dataset(tiny)
+    assert info.dataset == str(tiny.resolve())
+    assert info.dataset_fingerprint == dataset.fingerprint()
+
+
+def test_cache_info_mismatches_name_the_identity_fields_only(caches: dict[str, Path]) -> None:
+    info = read_info(caches["vgg16"])
+    other = dataclasses.replace(info, layer="features.22", input_size=(32, 32),
+                                torch_version="0.0", dataset="/elsewhere")
+    problems = other.mismatches(info)
+    assert problems == ["layer: features (cache) vs features.22 (asked)",
+                        "input_size: (64, 64) (cache) vs (32, 32) (asked)"]
+    assert dataclasses.replace(info, torch_version="0.0").mismatches(info) == []
 
 
 # --- the command line ------------------------------------------------------------------------
