@@ -68,9 +68,9 @@ def check_output(path: Path, what: str, inputs: Iterable[Path] = (), folder: boo
         raise UserError(f"{what} {path} is a folder; give a file name")
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder")
-    resolved = path.resolve()
+    resolved = os.path.realpath(path)  # unlike Path.resolve, never raises on a link loop
     for source in inputs:
-        if resolved == Path(source).resolve():
+        if resolved == os.path.realpath(source):
             raise UserError(f"{what} {path} is one of the inputs ({source}); choose another path")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
