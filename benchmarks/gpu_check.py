@@ -1,0 +1,509 @@
+"""A prepared GPU check: every CUDA path of the project run once, timed, pass or fail per check.
+
+GPU machines are at hand only now and then, for a few minutes, so this is one command that needs
+nothing but the checkout (`benchmarks/gpu_check.sh` puts it on PYTHONPATH; no install step) and
+finishes in a few minutes. It writes a synthetic set with `extract.synth` into a temporary
+folder (or a fresh folder inside --workdir) and, for each backbone (`--weights none`), calls the
+stages' own `main(...)`:
+
+- extract: images/s of `extract.extract_features.main` with float16 autocast on and off, against
+  the bare trunk's forward pass on the same device, same batches (channels_last,
+  inference_mode, autocast to match), interleaved round by round; the target (pipeline / trunk
+  >= 0.8) is reported, never failed. Every cache must be whole and finite.
+- fp16 agreement: the autocast cache against the float32 one, cosine similarity of each image's
+  flattened feature map; the least of them must reach FP16_MIN_COSINE.
+- decode workers: the command's default (on CUDA: up to 8 DataLoader workers, pinned memory)
+  against the other setting (inline on CUDA, 2 workers on a CPU), which must agree to
+  WORKERS_MIN_COSINE.
+- head.train on the default cache: seconds per epoch from the run's metrics.jsonl; on CUDA the
+  peak GPU memory must hold the train features (head.train keeps them on the device).
+- head.export of that run: it checks its own parity against ONNX Runtime on the CPU and raises
+  on a mismatch.
+- infer with `--device auto`: the ONNX Runtime provider that runs, and a valid submission.
+
+One table, then exit status 1 if any check failed (a slow figure is not a failure). With
+`--device cpu --quick` the same checks run on a small set at a small input size; the float16 ones
+are n/a there, since extract enables autocast only on CUDA. tests/test_gpu_check.py runs that.
+
+    PYTHONPATH=. bash benchmarks/gpu_check.sh [--device cpu --quick] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import itertools
+import json
+import math
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import click
+import common  # sets TQDM_DISABLE: before the project's modules import tqdm
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import extract
+from extract import setup_logging
+from extract.backbones import Trunk, TrunkSpec
+from extract.cache import read_features, read_info, read_keys
+from extract.data import (
+    CANDIDATE_COLUMNS,
+    DEFAULT_INPUT_SIZE,
+    Dataset,
+    Query,
+    image_id,
+    read_dataset,
+)
+from extract.extract_features import main as extract_features
+from extract.synth import main as make_synthetic
+from head.export import PARITY_TOLERANCE
+from head.export import main as export
+from head.train import main as train
+from infer.predict import main as predict
+from infer.session import open_session
+
+BACKBONES = ("resnet50", "vgg16")
+BATCH_SIZE = 32  # the extract command's default; the bare trunk gets the same batches
+EXTRACT_TARGET = 0.8  # pipeline img/s / bare trunk img/s
+# Random-init feature maps of two *different* synthetic images reach a cosine of 0.996
+# (resnet50 layer4, 245 x 200), so 0.99 would not tell a wrong row from the right one; a pure
+# float16 forward pass on the CPU stays above 0.99999 against float32.
+FP16_MIN_COSINE = 0.999
+# Same arithmetic, other loading path: a copy that raced its pinned buffer, or a batch landing on
+# the wrong rows, drops far below this; only the order of float sums may differ.
+WORKERS_MIN_COSINE = 0.99999
+CPU_WORKERS = 2  # the workers check's setting on a CPU, where the command decodes inline
+# what the stages import beyond torch; onnxscript is torch.onnx.export(dynamo=True)'s own need
+PACKAGES = ("torchvision", "h5py", "scikit-learn", "scipy", "matplotlib", "onnx", "onnxscript")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    pairs: int
+    queries: int
+    input_size: tuple[int, int]  # (H, W) fed to the trunk
+    val_fraction: float  # must hold out >= 20 pairs: a validation query needs 20 candidates
+    rounds: int  # of interleaved extract timing
+    epochs: int
+
+
+FULL = Sizes(pairs=140, queries=20, input_size=DEFAULT_INPUT_SIZE, val_fraction=0.2, rounds=3,
+             epochs=5)  # 320 images, 28 validation queries
+QUICK = Sizes(pairs=24, queries=20, input_size=(64, 64), val_fraction=0.85, rounds=1,
+              epochs=2)  # 88 images, 20 validation queries
+
+PASS, FAIL, NOT_APPLICABLE, NOT_RUN = "pass", "FAIL", "n/a on cpu", "not run"
+
+
+@dataclass
+class Figure:
+    label: str
+    value: object
+    target: str = ""
+    verdict: str = ""  # met / MISSED for speed, pass / FAIL for a tolerance
+
+
+@dataclass
+class Outcome:
+    status: str
+    figures: list[Figure] = field(default_factory=list)
+    note: str = ""  # why it failed or did not run
+
+
+class NotRun(Exception):
+    """A check cannot run: the earlier check it builds on failed."""
+
+
+@dataclass
+class Setup:
+    """What every check reads, and the files earlier checks leave for later ones."""
+
+    device: torch.device
+    sizes: Sizes
+    dataset: Dataset  # the synthetic set
+    work: Path
+    fp16_min_cosine: float
+    workers_min_cosine: float
+    caches: dict[tuple[str, bool], Path] = field(default_factory=dict)  # (backbone, autocast)
+    runs: dict[str, Path] = field(default_factory=dict)  # backbone -> head.train's run folder
+    models: dict[str, Path] = field(default_factory=dict)  # backbone -> model.onnx
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def data(self) -> Path:
+        return self.dataset.root
+
+    @property
+    def images(self) -> int:
+        return len(self.dataset.keys())
+
+    def default_cache(self, backbone: str) -> Path:
+        """The cache the extract command writes by default here (autocast on CUDA only)."""
+        return needs(self.caches, (backbone, self.on_cuda), f"extract {backbone}")
+
+
+def needs(artefacts: dict, key, check: str) -> Path:
+    """The file an earlier check left under `key`; NotRun if that check did not leave it."""
+    if key not in artefacts:
+        raise NotRun(f"needs {check}")
+    return artefacts[key]
+
+
+def judged(figures: list[Figure], problems: Sequence[str] = ()) -> Outcome:
+    """PASS unless there is a problem or a figure out of its tolerance (which its own row
+    shows, so only the problems become the note)."""
+    failed = bool(problems) or any(f.verdict == FAIL for f in figures)
+    return Outcome(FAIL if failed else PASS, figures, "; ".join(problems))
+
+
+def at_least(label: str, value: float, bound: float) -> Figure:
+    """A figure with a tolerance, shown to 6 digits: a cosine's 0.999999 is not 1."""
+    return Figure(label, f"{value:.6g}", f">= {bound:g}", PASS if value >= bound else FAIL)
+
+
+# --- the checks: each a function of the setup and a backbone, returning an Outcome ---------------
+
+def checks_for(backbones: tuple[str, ...],
+               stop_after: str) -> list[tuple[str, Callable[[Setup], Outcome]]]:
+    """The checks in the order they run: for each backbone, STEPS up to `stop_after`. Later
+    steps use what earlier ones leave in the setup (caches -> runs -> models), so a failure
+    upstream marks its dependants as not run."""
+    steps = list(STEPS)[:list(STEPS).index(stop_after) + 1]
+    return [(f"{step} {backbone}", partial(STEPS[step], backbone=backbone))
+            for backbone in backbones for step in steps]
+
+
+def check_extract(setup: Setup, backbone: str) -> Outcome:
+    trunk = Trunk(TrunkSpec.resolve(backbone, None, "none")).to(
+        setup.device, memory_format=torch.channels_last)
+    batches = random_batches(setup)
+    autocasts = (True, False) if setup.on_cuda else (False,)  # extract ignores it on a CPU
+    measures = {}
+    for autocast in autocasts:
+        measures[f"pipeline {on_off(autocast)}"] = pipeline_measure(setup, backbone, autocast)
+        measures[f"trunk {on_off(autocast)}"] = trunk_measure(trunk, batches, autocast)
+    results = common.interleave(measures, setup.sizes.rounds, log=progress)
+    figures = [] if setup.on_cuda else [Figure("autocast on", NOT_APPLICABLE)]
+    for autocast in autocasts:
+        pipeline = results[f"pipeline {on_off(autocast)}"]
+        bare = results[f"trunk {on_off(autocast)}"]
+        ratio = common.median([p / t for p, t in zip(pipeline, bare, strict=True)])
+        figures += [
+            Figure(f"pipeline img/s, autocast {on_off(autocast)}", common.median(pipeline)),
+            Figure(f"bare trunk img/s, autocast {on_off(autocast)}", common.median(bare)),
+            # fixed costs (building the trunk, starting workers, the file) over the whole run
+            Figure("  pipeline's extra s", setup.images / common.median(pipeline)
+                   - setup.images / common.median(bare)),
+            Figure("  pipeline / trunk", ratio, f">= {EXTRACT_TARGET}",
+                   common.verdict(ratio, EXTRACT_TARGET)),
+        ]
+    problems = [p for autocast in autocasts
+                for p in cache_problems(setup.caches[backbone, autocast], setup.images)]
+    return judged(figures, problems)
+
+
+def check_fp16(setup: Setup, backbone: str) -> Outcome:
+    if not setup.on_cuda:
+        return Outcome(NOT_APPLICABLE)
+    reference = cached_maps(needs(setup.caches, (backbone, False), f"extract {backbone}"))
+    autocast = cached_maps(needs(setup.caches, (backbone, True), f"extract {backbone}"))
+    return judged([
+        at_least("least cosine, autocast vs float32", row_cosines(autocast, reference).min(),
+                 setup.fp16_min_cosine),
+        # what a wrong row would score: the threshold must lie above it to mean anything
+        Figure("  control: most similar neighbouring images",
+               row_cosines(reference, np.roll(reference, 1, axis=0)).max(),
+               f"< {setup.fp16_min_cosine}"),
+    ])
+
+
+def check_workers(setup: Setup, backbone: str) -> Outcome:
+    default = setup.default_cache(backbone)
+    workers = 0 if setup.on_cuda else CPU_WORKERS
+    other = extract_features(backbone, setup.data, out=setup.work / "caches" /
+                             f"{backbone}-{workers}-workers.h5", weights="none",
+                             input_size=setup.sizes.input_size, device=setup.device.type,
+                             batch_size=BATCH_SIZE, workers=workers)
+    default_label = "up to 8 workers, pinned" if setup.on_cuda else "inline"
+    return judged([
+        Figure("pinned memory", "yes" if setup.on_cuda else NOT_APPLICABLE),
+        at_least(f"least cosine, {workers} workers vs default ({default_label})",
+                 row_cosines(cached_maps(other), cached_maps(default)).min(),
+                 setup.workers_min_cosine),
+    ], cache_problems(other, setup.images))
+
+
+def check_train(setup: Setup, backbone: str) -> Outcome:
+    cache = setup.default_cache(backbone)
+    if setup.on_cuda:
+        torch.cuda.reset_peak_memory_stats(setup.device)
+        held_before = torch.cuda.memory_allocated(setup.device)
+    run = train(cache, name=f"{backbone}-{setup.device.type}", data=setup.data,
+                runs_dir=setup.work / "runs", epochs=setup.sizes.epochs,
+                val_fraction=setup.sizes.val_fraction, device=setup.device.type)
+    setup.runs[backbone] = run
+    seconds = [json.loads(line)["seconds"]
+               for line in (run / "metrics.jsonl").read_text().splitlines()]
+    figures = [Figure("epoch 1 s (warm-up)", seconds[0])]
+    if len(seconds) > 1:
+        figures.append(Figure("s/epoch after it (median)", common.median(seconds[1:])))
+    if not setup.on_cuda:
+        return judged(figures + [Figure("peak GPU memory", NOT_APPLICABLE)])
+    train_images = sum(key.startswith("train/") for key in setup.dataset.keys())
+    features_mib = train_images * math.prod(read_info(cache).feature_shape) * 2 / 2**20  # fp16
+    peak_mib = (torch.cuda.max_memory_allocated(setup.device) - held_before) / 2**20
+    return judged(figures + [at_least("peak GPU memory MiB (holds the train features)",
+                                      peak_mib, round(features_mib, 1))])
+
+
+def check_export(setup: Setup, backbone: str) -> Outcome:
+    run = needs(setup.runs, backbone, f"head.train {backbone}")
+    with common.Timer() as timer:  # raises if ONNX Runtime disagrees with torch
+        setup.models[backbone] = export(run, out=setup.work / "models" / f"{backbone}.onnx")
+    return judged([Figure("export and parity check s", timer.seconds,
+                          f"parity <= {PARITY_TOLERANCE:.0e}", PASS)])
+
+
+def check_infer(setup: Setup, backbone: str) -> Outcome:
+    model = needs(setup.models, backbone, f"head.export {backbone}")
+    # the session predict opens: same file, same device, so the same provider
+    provider = open_session(model, "auto")[0].get_providers()[0]
+    with common.Timer() as timer:
+        submission = predict(onnx=model, data=setup.data, split="test", device="auto",
+                             out=setup.work / f"submission-{backbone}.csv")
+    queries = setup.dataset.test_queries
+    return judged([Figure("provider (--device auto)", provider),
+                   Figure(f"s for {len(queries)} queries", timer.seconds)],
+                  submission_problems(submission, queries))
+
+
+STEPS: dict[str, Callable[..., Outcome]] = {
+    "extract": check_extract, "fp16 agreement": check_fp16, "decode workers": check_workers,
+    "head.train": check_train, "head.export": check_export, "infer": check_infer,
+}
+
+
+# --- measuring and reading back ------------------------------------------------------------------
+
+def on_off(autocast: bool) -> str:
+    return "on" if autocast else "off"
+
+
+def pipeline_measure(setup: Setup, backbone: str, autocast: bool) -> Callable[[], float]:
+    """A measure for `common.interleave`: one whole extraction into a fresh file -> images/s.
+    The last file written stays in `setup.caches` for the checks that follow."""
+    runs = itertools.count()
+
+    def measure() -> float:
+        out = setup.work / "caches" / f"{backbone}-autocast-{on_off(autocast)}-{next(runs)}.h5"
+        with common.Timer() as timer:
+            extract_features(backbone, setup.data, out=out, weights="none",
+                             input_size=setup.sizes.input_size, device=setup.device.type,
+                             batch_size=BATCH_SIZE, amp=autocast)
+        setup.caches[backbone, autocast] = out
+        return setup.images / timer.seconds
+
+    return measure
+
+
+def random_batches(setup: Setup) -> list[torch.Tensor]:
+    """As many pre-decoded images as the dataset holds, in the pipeline's batches, on the
+    device, channels_last: each (B, 3, H, W)."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(min(BATCH_SIZE, setup.images - start), 3, *setup.sizes.input_size,
+                       generator=generator).to(setup.device)
+            .contiguous(memory_format=torch.channels_last)
+            for start in range(0, setup.images, BATCH_SIZE)]
+
+
+def trunk_measure(trunk: Trunk, batches: list[torch.Tensor], autocast: bool) -> Callable[[], float]:
+    """A measure: the bare forward pass over the batches -> images/s, waiting for the device."""
+    device = batches[0].device
+
+    def forward_all(batches: list[torch.Tensor]) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
+                                                    enabled=autocast):
+            for batch in batches:
+                trunk(batch)  # (B, C, h, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    forward_all(batches[:1])  # untimed: CUDA context, cuDNN's kernels for this precision
+
+    def measure() -> float:
+        with common.Timer() as timer:
+            forward_all(batches)
+        return sum(len(b) for b in batches) / timer.seconds
+
+    return measure
+
+
+def cached_maps(cache: Path) -> np.ndarray:
+    """Every feature map of a cache, (N, C, h, w) float16, in row order."""
+    return read_features(cache, read_keys(cache))
+
+
+def cache_problems(cache: Path, images: int) -> list[str]:
+    maps = cached_maps(cache)
+    problems = [] if len(maps) == images else [f"{cache.name} holds {len(maps)} of {images} images"]
+    if not np.isfinite(maps).all():  # float16 overflows to inf past 65504
+        problems.append(f"{cache.name} holds non-finite features")
+    return problems
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N,) cosine similarity of a[i] and b[i], each flattened, in float64."""
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def submission_problems(path: Path, queries: list[Query]) -> list[str]:
+    """What makes `path` an invalid submission for `queries`: header left,c0..c19, one row per
+    query in order, 20 finite scores each."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    problems = [] if rows[:1] == [CANDIDATE_COLUMNS] else [f"header {rows[:1]}"]
+    if [row[0] for row in rows[1:]] != [image_id(q.left) for q in queries]:
+        problems.append("the rows are not one per query, in order")
+    for number, row in enumerate(rows[1:], start=2):
+        try:
+            scores = np.array(row[1:], dtype=np.float64)
+        except ValueError:
+            scores = np.array([np.nan])
+        if len(scores) != len(CANDIDATE_COLUMNS) - 1 or not np.isfinite(scores).all():
+            problems.append(f"line {number} does not hold 20 finite scores")
+            break
+    return problems
+
+
+# --- running and reporting -----------------------------------------------------------------------
+
+STARTED = time.perf_counter()  # once the libraries are imported
+
+
+def progress(message: str) -> None:
+    click.echo(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", err=True)
+
+
+def run_checks(checks: list[tuple[str, Callable[[Setup], Outcome]]],
+               setup: Setup) -> list[tuple[str, Outcome]]:
+    """Every check, whatever happened to the ones before: one run shows every broken path."""
+    results = []
+    for name, check in checks:
+        progress(name)
+        try:
+            outcome = check(setup)
+        except NotRun as reason:
+            outcome = Outcome(NOT_RUN, note=str(reason))
+        except Exception as error:  # a failed check, not a failed script: the others still run
+            traceback.print_exc()
+            outcome = Outcome(FAIL, note=f"{type(error).__name__}: {error}")
+        results.append((name, outcome))
+    return results
+
+
+def header(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        gpu = (f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+               f"cuDNN {torch.backends.cudnn.version()} (float32 convolutions may use TF32: "
+               f"{torch.backends.cudnn.allow_tf32})")
+    else:
+        gpu = "no GPU used: --device cpu"
+    return [common.environment(), gpu,
+            f"onnxruntime providers built in: {', '.join(ort.get_available_providers())}",
+            "packages: " + ", ".join(f"{name} {installed_version(name)}" for name in PACKAGES),
+            f"project from {Path(extract.__file__).resolve().parents[1]}"]
+
+
+def installed_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "MISSING"
+
+
+
+def summary(results: list[tuple[str, Outcome]]) -> str:
+    rows = []
+    for name, outcome in results:
+        rows.append([name, "", "", outcome.status])
+        rows += [[f"  {f.label}", f.value, f.target, f.verdict] for f in outcome.figures]
+        if outcome.note:
+            rows.append([f"  {outcome.note}", "", "", ""])
+    counts = {status: sum(o.status == status for _, o in results)
+              for status in (PASS, FAIL, NOT_APPLICABLE, NOT_RUN)}
+    return (common.table(["check / figure", "value", "target", "result"], rows) + "\n"
+            + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+            + f"; {time.perf_counter() - STARTED:.0f} s after the imports")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
+              help="Where extract and head.train run (infer always takes --device auto).")
+@click.option("--quick", is_flag=True,
+              help=f"{2 * (QUICK.pairs + QUICK.queries)} images at {QUICK.input_size[0]} x "
+                   f"{QUICK.input_size[1]}, {QUICK.rounds} timing round, {QUICK.epochs} epochs "
+                   f"[default: {2 * (FULL.pairs + FULL.queries)} images at "
+                   f"{FULL.input_size[0]} x {FULL.input_size[1]}, {FULL.rounds} rounds, "
+                   f"{FULL.epochs} epochs].")
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(BACKBONES),
+              default=BACKBONES, help="Repeat for several.")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keep everything in a fresh folder inside DIR [default: a temporary folder, "
+                   "deleted at the end].")
+@click.option("--fp16-min-cosine", type=float, default=FP16_MIN_COSINE,
+              help="Least cosine of each image's autocast map to its float32 one.")
+@click.option("--workers-min-cosine", type=float, default=WORKERS_MIN_COSINE,
+              help="Least cosine of each image's map between the two decode settings.")
+@click.option("--stop-after", type=click.Choice(list(STEPS)), default=list(STEPS)[-1],
+              help="Run the steps up to this one only (each builds on the ones before).")
+@click.option("--verbose", is_flag=True, help="Also show the stages' own log.")
+def cli(device: str, quick: bool, backbones: tuple[str, ...], workdir: Path | None,
+        fp16_min_cosine: float, workers_min_cosine: float, stop_after: str,
+        verbose: bool) -> None:
+    """Run every CUDA path of the project once (extract with and without float16 autocast,
+    decode workers and pinned memory, head.train, head.export's parity, infer's provider), time
+    them, and print one table. Exits 1 if a check fails; a missed speed target is reported only.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("torch sees no CUDA device; on a CPU pass --device cpu")
+    if verbose:
+        setup_logging()
+    sizes = QUICK if quick else FULL
+    if workdir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="gpu-check-")
+        work = Path(scratch.name)
+    else:
+        scratch = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=workdir))
+    try:
+        progress(f"synthetic set: {2 * (sizes.pairs + sizes.queries)} images in {work}")
+        data = make_synthetic(work / "data", pairs=sizes.pairs, queries=sizes.queries, seed=0)
+        setup = Setup(torch.device(device), sizes, read_dataset(data), work, fp16_min_cosine,
+                      workers_min_cosine)
+        results = run_checks(checks_for(backbones, stop_after), setup)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    click.echo("\n".join(header(torch.device(device))))
+    click.echo(f"{2 * (sizes.pairs + sizes.queries)} synthetic images at {sizes.input_size[0]} "
+               f"x {sizes.input_size[1]}, batch {BATCH_SIZE}, weights none"
+               + ("" if scratch is not None else f", files kept in {work}"))
+    click.echo(summary(results))
+    if any(outcome.status == FAIL for _, outcome in results):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cli()
