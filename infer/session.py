@@ -26,6 +26,7 @@ class ModelInfo:
 
     input_size: tuple[int, int]  # (H, W)
     backbone: str
+    trunk: str  # backbone, layer and weights, for people to read
     val_fraction: float | None
     split_seed: int | None
     dataset_fingerprint: str | None
@@ -41,6 +42,7 @@ class ModelInfo:
         return cls(
             input_size=(int(height), int(width)),
             backbone=props.get("backbone", "?"),
+            trunk=" ".join(props.get(k, "?") for k in ("backbone", "layer", "weights")),
             val_fraction=float(optional["val_fraction"]) if optional["val_fraction"] else None,
             split_seed=int(optional["split_seed"]) if optional["split_seed"] else None,
             dataset_fingerprint=props.get("dataset_fingerprint"),
