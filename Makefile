@@ -30,7 +30,8 @@ demo: $(VENV)/.installed
 		--out $(DEMO)/val-report.json
 	$(PY) -m infer --onnx $(DEMO)/runs/demo/model.onnx --data $(DEMO)/data --split test \
 		--out $(DEMO)/submission.csv
-	@echo "demo done: submission $(DEMO)/submission.csv, validation report $(DEMO)/val-report.json"
+	@echo "demo done: submission $(DEMO)/submission.csv, validation report $(DEMO)/val-report.json" \
+		"and page $(DEMO)/val-report.html"
 
 clean-demo:
 	rm -rf $(DEMO)

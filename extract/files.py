@@ -17,8 +17,9 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from extract import UserError, logger
 
@@ -130,6 +131,13 @@ def atomic_output(path: Path, folder: bool = False, overwrite: bool = False) -> 
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, write: Callable[[IO[str]], object]) -> Path:
+    """Call `write(file)` on a UTF-8 text file that appears at `path` only once it is whole."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
+    return path
 
 
 def _move_folder_into_place(new: Path, path: Path, overwrite: bool) -> None:

@@ -1,11 +1,13 @@
 """`python -m infer`: embed every image once with the exported model, score candidates by
-cosine, and write a Kaggle submission (`--split test`) or a validation report (`--split val`).
+cosine, optionally re-score the whole pool one-to-one (`--assign`), and write a Kaggle submission
+(`--split test`) or a validation report with its error-analysis page (`--split val`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +24,17 @@ from extract.data import (
     read_dataset,
     validation_split,
 )
-from extract.files import atomic_output, check_output
-from infer.scoring import candidate_scores, ranking_metrics, score_matrix
+from extract.files import check_output, write_text
+from infer.report import write_report_page
+from infer.scoring import (
+    ASSIGN_METHODS,
+    DEFAULT_ASSIGN,
+    DEFAULT_TEMPERATURE,
+    assign,
+    assignment_premise,
+    candidate_similarities,
+    ranking_metrics,
+)
 from infer.session import ModelInfo, open_session
 
 DEFAULT_OUT = {"test": Path("submission.csv"), "val": Path("val-report.json")}
@@ -50,23 +61,43 @@ def embed_images(session, paths: list[Path], input_size: tuple[int, int], batch_
     return np.concatenate(out)
 
 
-def rank(session, info: ModelInfo, images: dict[str, Path], queries: list[Query],
-         batch_size: int) -> np.ndarray:
-    """Scores (Q, 20) of each query's candidates; each unique image is embedded exactly once."""
+def score_candidates(session, info: ModelInfo, images: dict[str, Path], queries: list[Query],
+                     batch_size: int) -> np.ndarray:
+    """Cosine scores (Q, 20) of each query's candidates; each unique image is embedded once."""
     keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
-    column = {key: i for i, key in enumerate(keys)}
+    row = {key: i for i, key in enumerate(keys)}
     logger.info("%d queries, %d unique images", len(queries), len(keys))
     embeddings = embed_images(session, [images[k] for k in keys], info.input_size, batch_size)
-    scores = score_matrix(embeddings[[column[q.left] for q in queries]], embeddings)  # (Q, M)
-    candidates = np.array([[column[c] for c in q.candidates] for q in queries])  # (Q, 20)
-    return candidate_scores(scores, candidates)
+    return candidate_similarities(embeddings, np.array([row[q.left] for q in queries]),
+                                  np.array([[row[c] for c in q.candidates] for q in queries]))
 
 
-def _write_text(path: Path, write) -> Path:
-    """Call `write(file)` on a text file that appears at `path` only once it is whole."""
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        write(f)
-    return path
+def candidate_pool(queries: list[Query]) -> tuple[np.ndarray, int]:
+    """Each query's candidates (Q, 20) as indices into the pool of every candidate image, and
+    the pool's size."""
+    pool = sorted({c for q in queries for c in q.candidates})
+    column = {key: i for i, key in enumerate(pool)}
+    return np.array([[column[c] for c in q.candidates] for q in queries]), len(pool)
+
+
+def resolve_assignment(asked: str | None, candidates: np.ndarray, n_images: int) -> str:
+    """The assignment to run: `asked`, or DEFAULT_ASSIGN where the pool is one-to-one.
+
+    An explicit sinkhorn or hungarian on a pool that is not one-to-one is refused; the default
+    falls back to none with one log line.
+    """
+    method = asked or DEFAULT_ASSIGN
+    if method == "none":
+        return method
+    reason = assignment_premise(candidates, n_images)
+    if reason is None:
+        return method
+    if asked:
+        raise UserError(f"--assign {asked} needs every candidate image to be the match of exactly "
+                        f"one query, and this split's pool is not like that: {reason}")
+    logger.info("no %s assignment (the default) for this split: %s; ranking by plain scores",
+                method, reason)
+    return "none"
 
 
 def write_submission(path: Path, queries: list[Query], scores: np.ndarray) -> Path:
@@ -80,26 +111,47 @@ def write_submission(path: Path, queries: list[Query], scores: np.ndarray) -> Pa
         for query, row in zip(queries, scores, strict=True):
             writer.writerow([image_id(query.left)] + [f"{s:.9g}" for s in row])
 
-    return _write_text(path, write)
+    return write_text(path, write)
 
 
-def write_report(path: Path, queries: list[Query], scores: np.ndarray, metrics: dict) -> Path:
-    """The validation figures and, per query, its candidates, scores and truth."""
-    report = {"metrics": metrics, "queries": [
-        {"left": image_id(q.left), "candidates": [image_id(c) for c in q.candidates],
-         "truth": q.truth, "scores": [round(float(s), 6) for s in row]}
-        for q, row in zip(queries, scores, strict=True)]}
-    return _write_text(path, lambda f: json.dump(report, f, indent=1))
+def write_report(path: Path, queries: list[Query], scores: np.ndarray,
+                 assigned_scores: np.ndarray | None, figures: dict) -> Path:
+    """`figures` and, per query, its candidates, truth and scores: plain, and after the
+    assignment where one ran."""
+    entries = []
+    for q, row in enumerate(scores):
+        entry = {"left": image_id(queries[q].left),
+                 "candidates": [image_id(c) for c in queries[q].candidates],
+                 "truth": queries[q].truth, "scores": [round(float(s), 6) for s in row]}
+        if assigned_scores is not None:
+            entry["assigned_scores"] = [round(float(s), 6) for s in assigned_scores[q]]
+        entries.append(entry)
+    return write_text(path, lambda f: json.dump({**figures, "queries": entries}, f, indent=1))
 
 
 def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
-         device: str = "auto", batch_size: int = 32) -> Path:
-    """Rank the split's candidates; returns the submission (test) or report (val) written."""
+         device: str = "auto", batch_size: int = 32, assign_method: str | None = None,
+         assign_temperature: float = DEFAULT_TEMPERATURE,
+         report: str | Path | None = None) -> Path:
+    """Rank the split's candidates; returns the submission (test) or report (val) written.
+
+    assign_method: none, sinkhorn or hungarian; None: DEFAULT_ASSIGN where the split's pool is
+    one-to-one, else none. report: the error-analysis page; for val it defaults to `out` with
+    .html, for test it is written only when given.
+    """
+    if assign_method not in (None, *ASSIGN_METHODS) or not assign_temperature > 0:
+        raise UserError(f"unknown assignment {assign_method!r} or temperature "
+                        f"{assign_temperature}: choose {', '.join(ASSIGN_METHODS)} and a "
+                        "temperature > 0")
     dataset = read_dataset(data)
     if split not in DEFAULT_OUT:
         raise UserError(f"unknown split {split!r}; choose test or val")
     out = Path(out) if out else DEFAULT_OUT[split]
-    check_output(out, "output", inputs=[Path(onnx), *dataset.files()])
+    report = Path(report) if report else (out.with_suffix(".html") if split == "val" else None)
+    for output in (out, report) if report else (out,):
+        check_output(output, "output", inputs=[Path(onnx), *dataset.files()])
+    if report and os.path.realpath(report) == os.path.realpath(out):
+        raise UserError(f"--report {report} is the same file as --out; choose another name")
     session, info = open_session(onnx, device)
     if split == "test":
         queries = dataset.test_queries
@@ -110,15 +162,41 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
             raise UserError(f"{onnx} was trained on another dataset than {dataset.root}: its "
                             "validation split cannot be rebuilt here")
         queries = validation_split(dataset, info.val_fraction, info.split_seed)[1]
-    scores = rank(session, info, dataset.images, queries, batch_size)
+    candidates, n_images = candidate_pool(queries)  # (Q, 20)
+    method = resolve_assignment(assign_method, candidates, n_images)  # before the slow part
+    scores = score_candidates(session, info, dataset.images, queries, batch_size)  # (Q, 20)
+    assigned = None
+    if method != "none":
+        assigned = assign(scores, candidates, method, assign_temperature)  # (Q, 20)
+    described = method + (f", temperature {assign_temperature:g}" if method == "sinkhorn" else "")
+
+    truth = None
     if split == "test":
-        return write_submission(out, queries, scores)
-    metrics = ranking_metrics(scores, np.array([q.truth for q in queries]))
-    logger.info("validation, %d queries: top-1 %.3f  top-2 %.3f  MRR %.3f", len(queries),
-                metrics["top1"], metrics["top2"], metrics["mrr"])
-    if info.val_metrics:
-        logger.info("head.train reported for this model: top-2 %.3f", info.val_metrics["top2"])
-    return write_report(out, queries, scores, metrics)
+        written = write_submission(out, queries, scores if assigned is None else assigned)
+    else:
+        truth = np.array([q.truth for q in queries])  # (Q,)
+        figures = {"metrics": ranking_metrics(scores, truth), "assignment": {"method": method}}
+        logger.info("validation, %d queries: %s", len(queries), _figures_text(figures["metrics"]))
+        if assigned is not None:
+            if method == "sinkhorn":
+                figures["assignment"]["temperature"] = assign_temperature
+            figures["assignment"]["metrics"] = ranking_metrics(assigned, truth)
+            logger.info("after %s assignment: %s", described,
+                        _figures_text(figures["assignment"]["metrics"]))
+        if info.val_metrics:
+            logger.info("head.train reported for this model: top-2 %.3f",
+                        info.val_metrics["top2"])
+        written = write_report(out, queries, scores, assigned, figures)
+    if report:
+        summary = {"model": str(onnx), "trunk": info.trunk, "data": str(dataset.root),
+                   "split": f"{split}, {len(queries)} queries", "assignment": described}
+        write_report_page(report, summary, queries, dataset.images, scores, assigned, truth)
+        logger.info("error-analysis page: %s", report)
+    return written
+
+
+def _figures_text(metrics: dict[str, float]) -> str:
+    return f"top-1 {metrics['top1']:.3f}  top-2 {metrics['top2']:.3f}  MRR {metrics['mrr']:.3f}"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -132,6 +210,17 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
               help="[default: submission.csv for test, val-report.json for val]")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--assign", "assign_method", type=click.Choice(ASSIGN_METHODS), default=None,
+              help="Re-score the whole pool so that every candidate image is used once: sinkhorn "
+              "(soft) or hungarian (hard). Only for a pool like Kaggle's test, where each "
+              "candidate image is the match of exactly one query.  [default: "
+              + (DEFAULT_ASSIGN if DEFAULT_ASSIGN == "none"
+                 else f"{DEFAULT_ASSIGN} where the pool allows, else none") + "]")
+@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_TEMPERATURE, help="Sinkhorn's temperature on cosine scores.")
+@click.option("--report", type=UserPath(), default=None,
+              help="Write the error-analysis page (HTML) here.  [default: for val, --out with "
+              ".html; for test, none]")
 def cli(**options) -> None:
     """Rank each query's 20 candidates with an exported model under ONNX Runtime."""
     with user_errors():

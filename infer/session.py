@@ -25,6 +25,7 @@ class ModelInfo:
     """What an exported file says about itself (its metadata_props)."""
 
     input_size: tuple[int, int]  # (H, W)
+    trunk: str  # backbone, layer and weights, for people to read
     val_fraction: float | None
     split_seed: int | None
     dataset_fingerprint: str | None
@@ -32,7 +33,7 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, path: Path, props: dict[str, str]) -> ModelInfo:
-        """Read and check the metadata; anything damaged is refused naming the file and key."""
+        """Read and check the metadata; anything damaged is refused naming the file."""
         if "input_size" not in props:
             raise UserError(f"{path} has no input_size in its metadata; export it with "
                             "`python -m head.export`")
@@ -44,8 +45,12 @@ class ModelInfo:
         except (ValueError, TypeError) as error:  # not JSON, not numbers, not two of them
             raise UserError(f"{path} has damaged metadata ({error}); export it again with "
                             "`python -m head.export`") from None
-        return cls(input_size=(height, width), val_fraction=val_fraction, split_seed=split_seed,
-                   dataset_fingerprint=props.get("dataset_fingerprint"), val_metrics=val_metrics)
+        return cls(
+            input_size=(height, width),
+            trunk=" ".join(props.get(k, "?") for k in ("backbone", "layer", "weights")),
+            val_fraction=val_fraction, split_seed=split_seed,
+            dataset_fingerprint=props.get("dataset_fingerprint"), val_metrics=val_metrics,
+        )
 
 
 def open_session(path: str | Path, device: str = "auto") -> tuple[ort.InferenceSession, ModelInfo]:

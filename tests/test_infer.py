@@ -1,6 +1,7 @@
 """`python -m infer`: the submission (checked by a validator and against a brute-force ranking),
-the validation report (the figures head.train reported, each image embedded once), no torch,
-the provider rules, and the clear errors that write nothing."""
+the validation report (the figures head.train reported, each image embedded once), one-to-one
+assignment and where it is refused, no torch, the provider rules, and the clear errors that write
+nothing."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from extract.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation
 from extract.synth import plan_pairs
 from infer import predict
 from infer.predict import cli
+from infer.scoring import ranking_metrics
 from infer.session import ModelInfo
 
 # the rules for a machine without a GPU; on one with a working CUDA provider they differ
@@ -30,7 +32,7 @@ no_gpu = pytest.mark.skipif(Path("/dev/nvidia0").exists() or Path("/dev/nvidiact
                             reason="checks the provider rules of a machine without a GPU")
 
 # Runs infer's command with torch and torchvision unimportable. (Setting sys.modules["torch"] to
-# None instead breaks scipy, which sklearn imports: scipy's array-api helpers look up
+# None instead breaks scipy, which infer.scoring imports: scipy's array-api helpers look up
 # sys.modules["torch"] and call getattr on it.)
 WITHOUT_TORCH = """
 import sys
@@ -202,7 +204,97 @@ def test_val_split_reproduces_training(model: Path, exported_run: Path, train_da
     assert len(unique) == 2 * len(queries)
     assert len(embedded[0]) == len(set(embedded[0])) == len(unique)
     assert sum(rows_run) == len(unique) and max(rows_run) <= 16
-    assert written(tmp_path) == ["report.json"]
+    assert report["assignment"] == {"method": "none"}  # the default, for now
+    assert written(tmp_path) == ["report.html", "report.json"]  # the page beside the report
+    assert (tmp_path / "report.html").read_text().count('<div class="q">') == len(queries)
+
+
+def read_submission(path: Path) -> tuple[list[str], np.ndarray]:
+    """The header and the scores (Q, 20) of a submission that passes the validator's checks."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == CANDIDATE_COLUMNS and all(len(row) == 21 for row in rows[1:])
+    scores = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+    assert np.isfinite(scores).all()
+    return [row[0] for row in rows[1:]], scores
+
+
+# --- one-to-one assignment ---------------------------------------------------------------------
+
+
+def test_val_split_with_sinkhorn(model: Path, train_data: Path, tmp_path: Path) -> None:
+    out, page = tmp_path / "report.json", tmp_path / "pages" / "val.html"
+    result = invoke("--onnx", model, "--data", train_data, "--split", "val", "--out", out,
+                    "--device", "cpu", "--assign", "sinkhorn", "--assign-temperature", "0.1",
+                    "--report", page)
+    assert result.exit_code == 0, result.text
+    report = json.loads(out.read_text())
+    plain = np.array([e["scores"] for e in report["queries"]])  # (60, 20)
+    assigned = np.array([e["assigned_scores"] for e in report["queries"]])
+    truth = np.array([e["truth"] for e in report["queries"]])
+    assert report["assignment"]["method"] == "sinkhorn"
+    assert report["assignment"]["temperature"] == 0.1
+    assert report["metrics"] == pytest.approx(ranking_metrics(plain, truth))
+    assert report["assignment"]["metrics"] == pytest.approx(ranking_metrics(assigned, truth))
+    # balanced over the whole pool: each query's and each image's probabilities sum to 1
+    probabilities = np.exp(assigned)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-3)
+    per_image: dict[str, float] = {}
+    for entry, row in zip(report["queries"], probabilities, strict=True):
+        for image, p in zip(entry["candidates"], row, strict=True):
+            per_image[image] = per_image.get(image, 0.0) + p
+    assert len(per_image) == 60
+    np.testing.assert_allclose(list(per_image.values()), 1, atol=1e-3)
+    assert "after sinkhorn, temperature 0.1 assignment: top-1" in result.text
+    assert written(tmp_path) == ["pages", "report.json"] and written(page.parent) == ["val.html"]
+
+
+def test_submission_with_hungarian(model: Path, train_data: Path, submission: Path,
+                                   tmp_path: Path) -> None:
+    out, page = tmp_path / "submission.csv", tmp_path / "test.html"
+    result = invoke("--onnx", model, "--data", train_data, "--out", out, "--device", "cpu",
+                    "--assign", "hungarian", "--report", page)
+    assert result.exit_code == 0, result.text
+    lefts, lifted = read_submission(out)
+    plain_lefts, plain = read_submission(submission)
+    assert lefts == plain_lefts
+    # each query's first choice is a different image; the other 19 keep their plain scores
+    dataset = read_dataset(train_data)
+    first = lifted.argmax(axis=1)
+    chosen = [q.candidates[k] for q, k in zip(dataset.test_queries, first, strict=True)]
+    assert len(set(chosen)) == len(chosen) == 20
+    others = np.arange(20) != first[:, None]
+    np.testing.assert_array_equal(lifted[others], plain[others])
+    assert page.read_text().count('<div class="q">') == 20
+    assert written(tmp_path) == ["submission.csv", "test.html"]
+
+
+def test_assignment_where_the_pool_is_not_one_to_one(model: Path, dataset_copy: Path,
+                                                     tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 right images for 19 queries: an explicit --assign is refused before any work, and a
+    default that would assign falls back to plain scores, saying so once."""
+    candidates_csv = dataset_copy / "test_candidates.csv"
+    candidates_csv.write_text("".join(candidates_csv.read_text().splitlines(True)[:-1]))
+    # first, while this test's command output still carries the log (see `_fresh_logger`)
+    monkeypatch.setattr(predict, "DEFAULT_ASSIGN", "sinkhorn")
+    defaulted = tmp_path / "defaulted.csv"
+    result = invoke("--onnx", model, "--data", dataset_copy, "--out", defaulted, "--device", "cpu")
+    assert result.exit_code == 0, result.text
+    assert result.output.count("no sinkhorn assignment (the default) for this split: the pool "
+                               "has 20 candidate images for 19 queries") == 1  # once
+    plain = tmp_path / "plain.csv"
+    assert invoke("--onnx", model, "--data", dataset_copy, "--out", plain, "--device", "cpu",
+                  "--assign", "none").exit_code == 0
+    assert defaulted.read_bytes() == plain.read_bytes()
+
+    out = tmp_path / "out" / "submission.csv"
+    for method in ("sinkhorn", "hungarian"):
+        result = invoke("--onnx", model, "--data", dataset_copy, "--out", out, "--device", "cpu",
+                        "--assign", method)
+        assert_refused(result, f"--assign {method} needs every candidate image to be the match",
+                       "the pool has 20 candidate images for 19 queries")
+        assert not out.parent.exists()
 
 
 # --- no torch, providers -----------------------------------------------------------------------
