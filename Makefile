@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(PY) -m extract --backbone resnet50 --weights none --data $(DEMO)/data \
 		--input-size 128 112 --out $(DEMO)/cache/resnet50-layer4-none-128x112.h5
 	$(PY) -m head.train --cache $(DEMO)/cache/resnet50-layer4-none-128x112.h5 \
-		--runs-dir $(DEMO)/runs --name demo --epochs 15
+		--runs-dir $(DEMO)/runs --name demo --epochs 15 --overwrite
 	$(PY) -m head.export --run $(DEMO)/runs/demo
 	$(PY) -m infer --onnx $(DEMO)/runs/demo/model.onnx --data $(DEMO)/data --split val \
 		--out $(DEMO)/val-report.json

@@ -57,6 +57,8 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "head_config": json.dumps(checkpoint["head_config"]),
         "dataset_fingerprint": cache["dataset_fingerprint"],
         "val_fraction": str(config["val_fraction"]),
+        "assign": config["assign"],  # what the kept epoch was chosen with: infer's default
+        "assign_temperature": str(config["assign_temperature"]),
         "split_seed": str(config["seed"]),
         "val_metrics": json.dumps(checkpoint.get("metrics") or {}),
         "best_epoch": str(checkpoint["best_epoch"]),

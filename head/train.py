@@ -4,7 +4,8 @@ The train images' feature maps are loaded once into one tensor (on the GPU when 
 there) and batches are gathered from it by index. Every epoch is validated on the seeded split
 laid out like the Kaggle test; the frozen trunk's own score (global-average-pooled features,
 cosine) is printed first, so each run shows the head's lift over it. The run folder
-``runs/<name>/`` holds head.pt (the best epoch by validation top-2), config.json,
+``runs/<name>/`` holds head.pt (the best epoch by the validation top-2 that `python -m infer`
+will give by default: after the one-to-one assignment `--assign`, unless that is none), config.json,
 metrics.jsonl and curves.png; it appears only once training has finished.
 """
 
@@ -28,7 +29,14 @@ from extract.data import N_CANDIDATES, read_dataset, validation_split
 from extract.files import atomic_output, check_output
 from head.loss import NEGATIVES, cosine_triplet_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
-from infer.scoring import candidate_scores, ranking_metrics, score_matrix
+from infer.scoring import (
+    ASSIGN_METHODS,
+    DEFAULT_ASSIGN,
+    DEFAULT_TEMPERATURE,
+    assign,
+    candidate_similarities,
+    ranking_metrics,
+)
 
 DEFAULT_RUNS_DIR = Path("runs")
 MAX_NAME_LENGTH = 100
@@ -48,6 +56,8 @@ class TrainConfig:
     pool: int = 2
     attention: str = "spatial"
     negatives: str = "all"
+    assign: str = DEFAULT_ASSIGN
+    assign_temperature: float = DEFAULT_TEMPERATURE
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -98,10 +108,22 @@ def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_frac
     )
 
 
-def evaluate(embeddings: np.ndarray, split: CachedSplit) -> dict[str, float]:
-    """Validation figures from unit embeddings (M, D) of the validation images."""
-    scores = score_matrix(embeddings[split.val_queries], embeddings)  # (Q, M)
-    return ranking_metrics(candidate_scores(scores, split.val_candidates), split.val_truth)
+def evaluate(embeddings: np.ndarray, split: CachedSplit, assign_method: str = "none",
+             temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
+    """Validation figures from unit embeddings (M, D) of the validation images: top1, top2,
+    mrr, and the same with `_assigned` after the one-to-one assignment (unless none)."""
+    scores = candidate_similarities(embeddings, split.val_queries, split.val_candidates)
+    metrics = ranking_metrics(scores, split.val_truth)
+    if assign_method != "none":
+        assigned = assign(scores, split.val_candidates, assign_method, temperature)  # (Q, K)
+        metrics |= {f"{k}_assigned": v
+                    for k, v in ranking_metrics(assigned, split.val_truth).items()}
+    return metrics
+
+
+def selection_figure(config: TrainConfig) -> str:
+    """The figure the kept epoch is chosen by: what `python -m infer` reports by default."""
+    return "top2" if config.assign == "none" else "top2_assigned"
 
 
 @torch.no_grad()
@@ -112,10 +134,11 @@ def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: in
     return torch.cat(out).cpu().numpy()
 
 
-def frozen_baseline(split: CachedSplit) -> dict[str, float]:
+def frozen_baseline(split: CachedSplit, config: TrainConfig) -> dict[str, float]:
     """The trunk alone: global-average-pooled feature maps compared by cosine."""
     pooled = split.features[split.val_images].float().mean(dim=(2, 3))  # (M, C)
-    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), split)
+    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), split,
+                    config.assign, config.assign_temperature)
 
 
 def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit,
@@ -189,8 +212,10 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                         "another --name")
     info = read_info(cache)
     config = TrainConfig(cache=str(cache), name=name, **options)
-    if config.negatives not in NEGATIVES or config.attention not in ATTENTIONS:
-        raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}")
+    if (config.negatives not in NEGATIVES or config.attention not in ATTENTIONS
+            or config.assign not in ASSIGN_METHODS):
+        raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}, "
+                        f"--assign takes {ASSIGN_METHODS}")
     device = resolve_device(config.device)
     logger.info("train %s on %s (%s %s, weights %s) on %s", name, cache, info.backbone,
                 info.layer, info.weights_id, device)
@@ -202,11 +227,10 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                         f"{len(split.val_truth)} for validation: training needs at least 2; "
                         "lower --val-fraction")
     has_val = len(split.val_truth) > 0
-    baseline = frozen_baseline(split) if has_val else None
+    baseline = frozen_baseline(split, config) if has_val else None
     if baseline:
-        logger.info("frozen trunk (pooled, cosine) on %d validation queries: top-1 %.3f "
-                    "top-2 %.3f MRR %.3f", len(split.val_truth), baseline["top1"],
-                    baseline["top2"], baseline["mrr"])
+        logger.info("frozen trunk (pooled, cosine) on %d validation queries:%s",
+                    len(split.val_truth), "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -229,7 +253,7 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                 if not np.isfinite(embeddings).all():  # the last step can diverge unseen
                     raise UserError(f"the weights diverged in epoch {epoch} (non-finite "
                                     "embeddings); try a lower --lr")
-                metrics = evaluate(embeddings, split)
+                metrics = evaluate(embeddings, split, config.assign, config.assign_temperature)
             record = {"epoch": epoch, "loss": loss, **metrics,
                       "seconds": time.perf_counter() - started}
             history.append(record)
@@ -237,7 +261,8 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                 f.write(json.dumps(record) + "\n")
             logger.info("epoch %2d  loss %.4f%s  (%.1f s)", epoch, loss,
                         "".join(f"  {k} {metrics[k]:.3f}" for k in metrics), record["seconds"])
-            if best is None or not has_val or metrics["top2"] > best["top2"]:
+            chosen_by = selection_figure(config)
+            if best is None or not has_val or metrics[chosen_by] > best[chosen_by]:
                 best = record
                 save_checkpoint(work / "head.pt", head, cache=asdict(info),
                                 train_config=asdict(config), best_epoch=epoch, metrics=metrics,
@@ -246,11 +271,12 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                    "best": best}
         (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(history, baseline, work / "curves.png")
-    log_summary(history, baseline, best)
+    log_summary(history, baseline, best, config)
     return run
 
 
 def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
+    """Training loss, and validation top-2 per epoch (plain, and assigned where it was run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,8 +287,11 @@ def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
     left.plot(epochs, [r["loss"] for r in history], marker="o")
     left.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
     if baseline:
-        right.plot(epochs, [r["top2"] for r in history], marker="o", label="head")
-        right.axhline(baseline["top2"], color="grey", linestyle="--", label="frozen trunk")
+        for key, label in (("top2", "head"), ("top2_assigned", "head, assigned")):
+            if key in baseline:
+                line, = right.plot(epochs, [r[key] for r in history], marker="o", label=label)
+                right.axhline(baseline[key], color=line.get_color(), linestyle="--",
+                              label=f"frozen trunk{label[4:]}")
         right.set(xlabel="epoch", ylabel="top-2 accuracy", title="validation top-2")
         right.legend()
     else:
@@ -272,15 +301,23 @@ def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
-def log_summary(history: list[dict], baseline: dict | None, best: dict) -> None:
-    columns = [c for c in ("top1", "top2", "mrr") if c in best]
-    lines = ["epoch   loss    " + "".join(f"{c:>7}" for c in columns)]
+def log_summary(history: list[dict], baseline: dict | None, best: dict,
+                config: TrainConfig) -> None:
+    columns = [c for c in ("top1", "top2", "mrr", "top1_assigned", "top2_assigned",
+                           "mrr_assigned") if c in best]
+    names = [c.replace("_assigned", "+a") for c in columns]
+    lines = ["epoch   loss    " + "".join(f"{c:>8}" for c in names)]
     if baseline:
-        lines.append("frozen  -       " + "".join(f"{baseline[c]:7.3f}" for c in columns))
+        lines.append("frozen  -       " + "".join(f"{baseline[c]:8.3f}" for c in columns))
     for r in history:
         mark = "  <- kept" if r is best else ""
         lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} "
-                     + "".join(f"{r[c]:7.3f}" for c in columns) + mark)
+                     + "".join(f"{r[c]:8.3f}" for c in columns) + mark)
+    if "top2_assigned" in columns:
+        lines.append(f"+a: after {config.assign} assignment"
+                     + (f" at temperature {config.assign_temperature:g}"
+                        if config.assign == "sinkhorn" else "")
+                     + f"; the kept epoch is the best by {selection_figure(config)}")
     logger.info("summary\n%s", "\n".join(lines))
 
 
@@ -311,6 +348,11 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--attention", type=click.Choice(ATTENTIONS), default=_defaults["attention"])
 @click.option("--negatives", type=click.Choice(NEGATIVES), default=_defaults["negatives"],
               help="In-batch negatives: all, the hardest, or the semi-hard ones.")
+@click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=_defaults["assign"],
+              help="One-to-one assignment that validation also reports and that picks the "
+                   "kept epoch; recorded in the exported model as infer's default.")
+@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
+              default=_defaults["assign_temperature"], help="Sinkhorn's temperature.")
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
               default=_defaults["val_fraction"],
               help="Train pairs held out for validation (0: train on all, keep the last epoch).")

@@ -80,13 +80,14 @@ def candidate_pool(queries: list[Query]) -> tuple[np.ndarray, int]:
     return np.array([[column[c] for c in q.candidates] for q in queries]), len(pool)
 
 
-def resolve_assignment(asked: str | None, candidates: np.ndarray, n_images: int) -> str:
-    """The assignment to run: `asked`, or DEFAULT_ASSIGN where the pool is one-to-one.
+def resolve_assignment(asked: str | None, default: str, candidates: np.ndarray,
+                       n_images: int) -> str:
+    """The assignment to run: `asked`, or `default` where the pool is one-to-one.
 
     An explicit sinkhorn or hungarian on a pool that is not one-to-one is refused; the default
     falls back to none with one log line.
     """
-    method = asked or DEFAULT_ASSIGN
+    method = asked or default
     if method == "none":
         return method
     reason = assignment_premise(candidates, n_images)
@@ -131,15 +132,15 @@ def write_report(path: Path, queries: list[Query], scores: np.ndarray,
 
 def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
          device: str = "auto", batch_size: int = 32, assign_method: str | None = None,
-         assign_temperature: float = DEFAULT_TEMPERATURE,
-         report: str | Path | None = None) -> Path:
+         assign_temperature: float | None = None, report: str | Path | None = None) -> Path:
     """Rank the split's candidates; returns the submission (test) or report (val) written.
 
-    assign_method: none, sinkhorn or hungarian; None: DEFAULT_ASSIGN where the split's pool is
-    one-to-one, else none. report: the error-analysis page; for val it defaults to `out` with
-    .html, for test it is written only when given.
+    assign_method: none, sinkhorn or hungarian; None: the model's own (what its epoch was chosen
+    with; DEFAULT_ASSIGN for a model that does not say) where the split's pool is one-to-one,
+    else none. assign_temperature: None for the model's own. report: the error-analysis page;
+    for val it defaults to `out` with .html, for test it is written only when given.
     """
-    if assign_method not in (None, *ASSIGN_METHODS) or not assign_temperature > 0:
+    if assign_method not in (None, *ASSIGN_METHODS) or not (assign_temperature or 1) > 0:
         raise UserError(f"unknown assignment {assign_method!r} or temperature "
                         f"{assign_temperature}: choose {', '.join(ASSIGN_METHODS)} and a "
                         "temperature > 0")
@@ -163,7 +164,9 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
                             "validation split cannot be rebuilt here")
         queries = validation_split(dataset, info.val_fraction, info.split_seed)[1]
     candidates, n_images = candidate_pool(queries)  # (Q, 20)
-    method = resolve_assignment(assign_method, candidates, n_images)  # before the slow part
+    method = resolve_assignment(assign_method, info.assign or DEFAULT_ASSIGN, candidates,
+                                n_images)  # before the slow part
+    assign_temperature = assign_temperature or info.assign_temperature or DEFAULT_TEMPERATURE
     scores = score_candidates(session, info, dataset.images, queries, batch_size)  # (Q, 20)
     assigned = None
     if method != "none":
@@ -213,11 +216,11 @@ def _figures_text(metrics: dict[str, float]) -> str:
 @click.option("--assign", "assign_method", type=click.Choice(ASSIGN_METHODS), default=None,
               help="Re-score the whole pool so that every candidate image is used once: sinkhorn "
               "(soft) or hungarian (hard). Only for a pool like Kaggle's test, where each "
-              "candidate image is the match of exactly one query.  [default: "
-              + (DEFAULT_ASSIGN if DEFAULT_ASSIGN == "none"
-                 else f"{DEFAULT_ASSIGN} where the pool allows, else none") + "]")
+              "candidate image is the match of exactly one query.  [default: the one the "
+              "model's training chose its epoch with, where the pool allows, else none]")
 @click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_TEMPERATURE, help="Sinkhorn's temperature on cosine scores.")
+              default=None, help="Sinkhorn's temperature on cosine scores.  [default: the "
+              "model's]")
 @click.option("--report", type=UserPath(), default=None,
               help="Write the error-analysis page (HTML) here.  [default: for val, --out with "
               ".html; for test, none]")

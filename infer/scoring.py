@@ -26,16 +26,6 @@ SINKHORN_TOLERANCE = 1e-4
 SINKHORN_MAX_ITERATIONS = 1000
 
 
-def score_matrix(queries: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Cosine similarity of every query to every image: (Q, D) x (M, D) unit rows -> (Q, M)."""
-    return queries @ images.T
-
-
-def candidate_scores(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Each query's scores for its own candidates: (Q, M) and column indices (Q, K) -> (Q, K)."""
-    return np.take_along_axis(scores, candidates, axis=1)
-
-
 def candidate_similarities(embeddings: np.ndarray, query_rows: np.ndarray,
                            candidate_rows: np.ndarray) -> np.ndarray:
     """Cosine of each query with each of its candidates, (Q, K).
@@ -43,7 +33,8 @@ def candidate_similarities(embeddings: np.ndarray, query_rows: np.ndarray,
     embeddings (M, D) unit rows of every image; query_rows (Q,) the row of each query's image;
     candidate_rows (Q, K) the rows of its candidates.
     """
-    return candidate_scores(score_matrix(embeddings[query_rows], embeddings), candidate_rows)
+    scores = embeddings[query_rows] @ embeddings.T  # (Q, M): each query against every image
+    return np.take_along_axis(scores, candidate_rows, axis=1)
 
 
 def assignment_premise(candidates: np.ndarray, n_images: int) -> str | None:

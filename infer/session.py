@@ -30,6 +30,8 @@ class ModelInfo:
     split_seed: int | None
     dataset_fingerprint: str | None
     val_metrics: dict
+    assign: str | None  # the assignment training chose its epoch with, infer's default
+    assign_temperature: float | None
 
     @classmethod
     def from_metadata(cls, path: Path, props: dict[str, str]) -> ModelInfo:
@@ -42,6 +44,8 @@ class ModelInfo:
             val_fraction = float(props["val_fraction"]) if props.get("val_fraction") else None
             split_seed = int(props["split_seed"]) if props.get("split_seed") else None
             val_metrics = json.loads(props.get("val_metrics", "{}"))
+            temperature = (float(props["assign_temperature"])
+                           if props.get("assign_temperature") else None)
         except (ValueError, TypeError) as error:  # not JSON, not numbers, not two of them
             raise UserError(f"{path} has damaged metadata ({error}); export it again with "
                             "`python -m head.export`") from None
@@ -50,6 +54,7 @@ class ModelInfo:
             trunk=" ".join(props.get(k, "?") for k in ("backbone", "layer", "weights")),
             val_fraction=val_fraction, split_seed=split_seed,
             dataset_fingerprint=props.get("dataset_fingerprint"), val_metrics=val_metrics,
+            assign=props.get("assign"), assign_temperature=temperature,
         )
 
 

@@ -25,7 +25,7 @@ from head.train import main as train
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 METADATA = {"backbone", "layer", "weights", "input_size", "embedding_dim", "tll_version",
-            "val_fraction", "split_seed"}
+            "val_fraction", "split_seed", "assign", "assign_temperature"}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,11 @@ def test_file_describes_itself(models: dict, backbone: str) -> None:
     assert int(props["split_seed"]) == config["seed"]
     assert props["tll_version"] == importlib.metadata.version("tll")
     assert props["dataset_fingerprint"] == cache["dataset_fingerprint"]
-    assert json.loads(props["val_metrics"]) == {k: summary["best"][k]
-                                                 for k in ("top1", "top2", "mrr")}
+    metrics = json.loads(props["val_metrics"])
+    assert metrics == {k: summary["best"][k] for k in metrics}
+    assert {"top1", "top2", "mrr"} <= set(metrics)
+    assert props["assign"] == config["assign"]
+    assert float(props["assign_temperature"]) == config["assign_temperature"]
 
     # self-contained: every weight is inside the file
     for tensor in proto.graph.initializer:

@@ -221,6 +221,44 @@ def test_same_seed_same_run(trained_run: Path, train_cache: Path, tmp_path: Path
     assert [r["top2"] for r in again] == [r["top2"] for r in first]
 
 
+def test_assigned_figures_choose_the_kept_epoch(train_cache: Path, tmp_path: Path) -> None:
+    """With --assign sinkhorn every epoch reports both figures, the kept epoch is the best by
+    the assigned top-2 (what infer will then report by default), and the run records it."""
+    settings = {**TRAIN_SETTINGS, "epochs": 4, "assign": "sinkhorn", "assign_temperature": 0.1}
+    run = train_module.main(train_cache, name="assigned", runs_dir=tmp_path / "runs", **settings)
+    history = read_metrics(run)
+    for record in history:
+        assert {"top1", "top2", "mrr", "top1_assigned", "top2_assigned", "mrr_assigned"} \
+            <= set(record)
+    summary = json.loads((run / "config.json").read_text())
+    best = max(history, key=lambda r: r["top2_assigned"])  # the first of the best
+    assert summary["best"]["epoch"] == best["epoch"]
+    assert {"top2", "top2_assigned"} <= set(summary["baseline"])
+    _, checkpoint = load_checkpoint(run / "head.pt")
+    assert checkpoint["train_config"]["assign"] == "sinkhorn"
+    assert checkpoint["metrics"]["top2_assigned"] == best["top2_assigned"]
+
+
+def test_evaluate_reports_the_assignment_on_a_known_pool() -> None:
+    """Three queries whose plain favourites collide on one image: assignment sorts them out."""
+    from head.train import CachedSplit
+
+    # images 0-2 are the queries, 3-5 their true matches; queries 1 and 2 look most like
+    # image 3 (cosine 0.9) and only then like their own (0.83)
+    embeddings = np.array([[1, 0, 0], [0.9, 0.44, 0], [0.9, 0, 0.44],
+                           [1, 0, 0], [0.5, 0.87, 0], [0.5, 0, 0.87]], dtype=np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    split = CachedSplit(features=torch.zeros(0), train_left=torch.zeros(0),
+                        train_right=torch.zeros(0), val_images=torch.zeros(0),
+                        val_queries=np.array([0, 1, 2]),
+                        val_candidates=np.array([[3, 4, 5], [3, 4, 5], [3, 4, 5]]),
+                        val_truth=np.array([0, 1, 2]))
+    plain = evaluate(embeddings, split)
+    assert plain == {"top1": pytest.approx(1 / 3), "top2": 1.0, "mrr": pytest.approx(2 / 3)}
+    assigned = evaluate(embeddings, split, "hungarian")
+    assert assigned["top1_assigned"] == 1.0 and assigned["top1"] == pytest.approx(1 / 3)
+
+
 def test_no_validation_keeps_the_last_epoch(train_cache: Path, tmp_path: Path) -> None:
     settings = {**TRAIN_SETTINGS, "epochs": 2, "val_fraction": 0.0}
     run = train_module.main(train_cache, name="all", runs_dir=tmp_path / "runs", **settings)

@@ -270,16 +270,19 @@ def test_submission_with_hungarian(model: Path, train_data: Path, submission: Pa
 
 
 def test_assignment_where_the_pool_is_not_one_to_one(model: Path, dataset_copy: Path,
-                                                     tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     tmp_path: Path) -> None:
     """20 right images for 19 queries: an explicit --assign is refused before any work, and a
-    default that would assign falls back to plain scores, saying so once."""
+    model whose default would assign falls back to plain scores, saying so once."""
     candidates_csv = dataset_copy / "test_candidates.csv"
     candidates_csv.write_text("".join(candidates_csv.read_text().splitlines(True)[:-1]))
+    proto = onnx.load(str(model))
+    next(p for p in proto.metadata_props if p.key == "assign").value = "sinkhorn"
+    assigning = tmp_path / "assigning.onnx"
+    onnx.save_model(proto, str(assigning))
     # first, while this test's command output still carries the log (see `_fresh_logger`)
-    monkeypatch.setattr(predict, "DEFAULT_ASSIGN", "sinkhorn")
     defaulted = tmp_path / "defaulted.csv"
-    result = invoke("--onnx", model, "--data", dataset_copy, "--out", defaulted, "--device", "cpu")
+    result = invoke("--onnx", assigning, "--data", dataset_copy, "--out", defaulted,
+                    "--device", "cpu")
     assert result.exit_code == 0, result.text
     assert result.output.count("no sinkhorn assignment (the default) for this split: the pool "
                                "has 20 candidate images for 19 queries") == 1  # once
