@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extract import UserError
 from extract.backbones import BACKBONES, Trunk, TrunkSpec
-from extract.cache import read_features, read_info
-from extract.data import DEFAULT_INPUT_SIZE, read_dataset
+from extract.cache import read_info
+from extract.data import DEFAULT_INPUT_SIZE
 from head.loss import cosine_triplet_loss
 from head.model import GridMaxPool, Head, HeadConfig
-from head.train import CachedSplit, TrainConfig, train_epoch
+from head.train import Fold, TrainConfig, load_pairs, make_fold, train_epoch
 
 PAIRS = 1600  # the real train.csv
 SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200
@@ -40,33 +41,30 @@ TARGET_RATIO = 1000.0
 TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its memory)
 
 
-def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> CachedSplit:
-    """A CachedSplit of these training pairs (rows of `features`) and no validation."""
-    return CachedSplit(
+def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> Fold:
+    """A Fold of these training pairs (rows of `features`) and no validation."""
+    return Fold(
         features=features, train_left=torch.as_tensor(left, dtype=torch.long),
         train_right=torch.as_tensor(right, dtype=torch.long),
         val_images=torch.zeros(0, dtype=torch.long), val_queries=np.zeros(0, dtype=np.int64),
         val_candidates=np.zeros((0, 20), dtype=np.int64), val_truth=np.zeros(0, dtype=np.int64))
 
 
-def real_split(cache: Path, data: Path | None) -> tuple[CachedSplit, str] | None:
-    """The first PAIRS train pairs of a real cache, like head.train.load_split with no
-    validation split; None if the cache is absent or does not fit."""
+def real_split(cache: Path, data: Path | None) -> tuple[Fold, str] | None:
+    """The first PAIRS train pairs of a real cache, as head.train loads them, with no
+    validation; None if the cache is absent or does not fit."""
     if not cache.is_file():
         return None
-    info = read_info(cache)
-    dataset = read_dataset(data or info.dataset)
-    if dataset.fingerprint() != info.dataset_fingerprint or len(dataset.train_pairs) < PAIRS:
+    try:
+        pairs = load_pairs(cache, read_info(cache), data, torch.device("cpu"))
+    except UserError:  # built from other images
         return None
-    pairs = dataset.train_pairs[:PAIRS]
-    keys = sorted({f"train/left/{a}" for a, _ in pairs} | {f"train/right/{b}" for _, b in pairs})
-    row = {key: i for i, key in enumerate(keys)}
-    features = torch.from_numpy(read_features(cache, keys))  # (2 * PAIRS, C, h, w) float16
-    return split_from(features, np.array([row[f"train/left/{a}"] for a, _ in pairs]),
-                      np.array([row[f"train/right/{b}"] for _, b in pairs])), f"real {cache}"
+    if len(pairs.dataset.train_pairs) < PAIRS:
+        return None
+    return make_fold(pairs, pairs.dataset.train_pairs[:PAIRS], []), f"real {cache}"
 
 
-def synthetic_split(shape: tuple[int, int, int]) -> tuple[CachedSplit, str]:
+def synthetic_split(shape: tuple[int, int, int]) -> tuple[Fold, str]:
     generator = torch.Generator().manual_seed(0)
     features = torch.rand(2 * PAIRS, *shape, generator=generator).to(torch.float16)  # post-ReLU
     return split_from(features, np.arange(PAIRS), np.arange(PAIRS, 2 * PAIRS)), "random"
@@ -97,7 +95,7 @@ WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
             "what-if: both": {"pool": True, "threads": 1}}
 
 
-def cached_measure(split: CachedSplit, shape: tuple[int, int, int], config: TrainConfig,
+def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig,
                    variant: dict | None = None):
     """A measure: one epoch of train_epoch (the same head and optimizer, epoch after epoch),
     as head.train does it, or under a `what_if` variant."""

@@ -275,13 +275,41 @@ def validation_split(
     order = rng.permutation(len(pairs))
     held_out = sorted(order[:n_val].tolist())
     kept = sorted(order[n_val:].tolist())
+    return [pairs[i] for i in kept], _queries(pairs, held_out, rng)
+
+
+def fold_splits(
+    dataset: Dataset, folds: int, seed: int
+) -> list[tuple[list[tuple[str, str]], list[Query]]]:
+    """Cut the train pairs into `folds` seeded folds of near-equal size; for each fold, (the
+    pairs of every other fold, the fold's pairs as validation queries laid out like the Kaggle
+    test: each left's 19 foils are drawn from that fold's rights only). Every pair is held out
+    exactly once."""
+    pairs = dataset.train_pairs
+    if folds < 2 or len(pairs) // folds < N_CANDIDATES:
+        raise DataError(f"{folds} folds of {len(pairs)} train pairs: it takes at least 2 folds "
+                        f"of at least {N_CANDIDATES} pairs each (a query needs "
+                        f"{N_CANDIDATES} candidates)")
+    rng = np.random.default_rng(seed)
+    parts = np.array_split(rng.permutation(len(pairs)), folds)
+    splits = []
+    for k, part in enumerate(parts):
+        kept = sorted(np.concatenate([p for j, p in enumerate(parts) if j != k]).tolist())
+        splits.append(([pairs[i] for i in kept], _queries(pairs, sorted(part.tolist()), rng)))
+    return splits
+
+
+def _queries(pairs: list[tuple[str, str]], held_out: list[int],
+             rng: np.random.Generator) -> list[Query]:
+    """The held-out pairs as queries: each left, its true right and 19 foils from the other
+    held-out rights, the truth at a random position."""
     rights = [f"train/right/{pairs[i][1]}" for i in held_out]
     queries = []
     for j, i in enumerate(held_out):
-        others = np.delete(np.arange(n_val), j)
+        others = np.delete(np.arange(len(held_out)), j)
         foils = rng.choice(others, N_CANDIDATES - 1, replace=False)
         truth = int(rng.integers(N_CANDIDATES))
         columns = np.insert(foils, truth, j)
         queries.append(Query(left=f"train/left/{pairs[i][0]}",
                              candidates=tuple(rights[c] for c in columns), truth=truth))
-    return [pairs[i] for i in kept], queries
+    return queries

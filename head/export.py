@@ -56,10 +56,12 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
         "head_config": json.dumps(checkpoint["head_config"]),
         "dataset_fingerprint": cache["dataset_fingerprint"],
-        "val_fraction": str(config["val_fraction"]),
+        # after cross-validation the final head saw every pair: no split to score it on
+        "val_fraction": str(0.0 if config["folds"] else config["val_fraction"]),
+        "folds": str(config["folds"]),
         "assign": config["assign"],  # what the kept epoch was chosen with: infer's default
         "assign_temperature": str(config["assign_temperature"]),
-        "split_seed": str(config["seed"]),
+        "split_seed": str(config["split_seed"]),
         "val_metrics": json.dumps(checkpoint.get("metrics") or {}),
         "best_epoch": str(checkpoint["best_epoch"]),
     }

@@ -1,12 +1,21 @@
 """`python -m head.train`: train the head on a feature cache, in seconds.
 
 The train images' feature maps are loaded once into one tensor (on the GPU when training
-there) and batches are gathered from it by index. Every epoch is validated on the seeded split
-laid out like the Kaggle test; the frozen trunk's own score (global-average-pooled features,
-cosine) is printed first, so each run shows the head's lift over it. The run folder
-``runs/<name>/`` holds head.pt (the best epoch by the validation top-2 that `python -m infer`
-will give by default: after the one-to-one assignment `--assign`, unless that is none), config.json,
-metrics.jsonl and curves.png; it appears only once training has finished.
+there) and batches are gathered from it by index; `python -m head.sweep` loads it once for all
+its trials and folds. Validation is laid out like the Kaggle test, in one of two ways:
+
+- one seeded split (`--val-fraction`, `--split-seed`): every epoch is validated and the run keeps
+  the best epoch's head;
+- k-fold cross-validation (`--folds K`): the same config is trained on each of K folds side by
+  side; every epoch reports the mean and standard error over the folds, the number of epochs is
+  chosen by the mean, and the final head is trained on every train pair for that many epochs.
+
+The epoch is chosen by the figure `python -m infer` will give by default: top-2 after the
+one-to-one assignment `--assign`, unless that is none. The frozen trunk's own score
+(global-average-pooled features, cosine) is printed first, so each run shows the head's lift
+over it. `--split-seed` draws the validation split or the folds, `--seed` the initialisation and
+the batch order: each can change alone. The run folder ``runs/<name>/`` holds head.pt,
+config.json, metrics.jsonl and curves.png; it appears only once training has finished.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +35,14 @@ from tqdm import tqdm
 from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import resolve_device
 from extract.cache import CacheInfo, read_features, read_image_digests, read_info
-from extract.data import N_CANDIDATES, read_dataset, validation_split
+from extract.data import (
+    N_CANDIDATES,
+    Dataset,
+    Query,
+    fold_splits,
+    read_dataset,
+    validation_split,
+)
 from extract.files import atomic_output, check_output
 from head.loss import NEGATIVES, cosine_triplet_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
@@ -58,16 +75,28 @@ class TrainConfig:
     negatives: str = "all"
     assign: str = DEFAULT_ASSIGN
     assign_temperature: float = DEFAULT_TEMPERATURE
-    val_fraction: float = 0.1
-    seed: int = 0
+    val_fraction: float = 0.1  # used without --folds
+    folds: int = 0  # 0: one split of val_fraction; K >= 2: K-fold cross-validation
+    split_seed: int = 0  # draws the validation split or the folds
+    seed: int = 0  # draws the initialisation and the batch order
     device: str = "auto"
 
 
 @dataclass
-class CachedSplit:
-    """The train images' feature maps in memory and the pairs and queries as row indices."""
+class CachedPairs:
+    """Every train image's feature map in memory, once per process (a sweep's trials and folds
+    share it), and where each image's row is."""
 
-    features: torch.Tensor  # (N, C, h, w) float16, every train image once
+    features: torch.Tensor  # (N, C, h, w) float16, every train image once, on the device
+    row: dict[str, int]  # key -> row of `features`
+    dataset: Dataset
+
+
+@dataclass
+class Fold:
+    """One way of holding out validation pairs: training pairs and queries as row indices."""
+
+    features: torch.Tensor  # (N, C, h, w) float16: CachedPairs.features, shared, not copied
     train_left: torch.Tensor  # (P,) rows of each training pair's left
     train_right: torch.Tensor  # (P,) rows of its right
     val_images: torch.Tensor  # (M,) rows of every image the validation queries use
@@ -76,9 +105,9 @@ class CachedSplit:
     val_truth: np.ndarray  # (Q,) index of the true candidate
 
 
-def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_fraction: float,
-               seed: int, device: torch.device) -> CachedSplit:
-    """The train images' features (checked to be of these very images) and the split."""
+def load_pairs(cache: Path, info: CacheInfo, dataset_path: Path | None,
+               device: torch.device) -> CachedPairs:
+    """The train images' features, checked to be of these very images (their sha256)."""
     dataset = read_dataset(dataset_path or info.dataset)
     keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
                   | {f"train/right/{right}" for _, right in dataset.train_pairs})
@@ -90,16 +119,21 @@ def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_frac
                         f"{len(changed)} of its {len(keys)} train images differ (e.g. "
                         f"{changed[0]}); another dataset, or images changed since: rerun "
                         "`python -m extract` on this dataset")
-    pairs, queries = validation_split(dataset, val_fraction, seed)
-    row = {key: i for i, key in enumerate(keys)}
     features = torch.from_numpy(read_features(cache, keys)).to(device)
+    return CachedPairs(features, {key: i for i, key in enumerate(keys)}, dataset)
+
+
+def make_fold(pairs: CachedPairs, train_pairs: list[tuple[str, str]],
+              queries: list[Query]) -> Fold:
+    device, row = pairs.features.device, pairs.row
     val_keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
     position = {key: i for i, key in enumerate(val_keys)}
-    return CachedSplit(
-        features=features,
-        train_left=torch.tensor([row[f"train/left/{left}"] for left, _ in pairs], device=device),
-        train_right=torch.tensor([row[f"train/right/{right}"] for _, right in pairs],
-                                 device=device),
+    return Fold(
+        features=pairs.features,
+        train_left=torch.tensor([row[f"train/left/{left}"] for left, _ in train_pairs],
+                                dtype=torch.long, device=device),
+        train_right=torch.tensor([row[f"train/right/{right}"] for _, right in train_pairs],
+                                 dtype=torch.long, device=device),
         val_images=torch.tensor([row[key] for key in val_keys], dtype=torch.long, device=device),
         val_queries=np.array([position[q.left] for q in queries], dtype=np.int64),
         val_candidates=np.array([[position[c] for c in q.candidates] for q in queries],
@@ -108,22 +142,55 @@ def load_split(cache: Path, info: CacheInfo, dataset_path: Path | None, val_frac
     )
 
 
-def evaluate(embeddings: np.ndarray, split: CachedSplit, assign_method: str = "none",
+def validation_folds(pairs: CachedPairs, config: TrainConfig) -> list[Fold]:
+    """The K folds of --folds K, or the one split of --val-fraction; each checked to leave
+    something to train on."""
+    if config.folds:
+        splits = fold_splits(pairs.dataset, config.folds, config.split_seed)
+    else:
+        splits = [validation_split(pairs.dataset, config.val_fraction, config.split_seed)]
+    folds = [make_fold(pairs, *split) for split in splits]
+    for fold in folds:
+        if len(fold.train_left) < 2:
+            raise UserError(f"{len(fold.train_left)} training pair(s) left after holding out "
+                            f"{len(fold.val_truth)} for validation: training needs at least 2; "
+                            "lower --val-fraction")
+    return folds
+
+
+def all_pairs_fold(pairs: CachedPairs) -> Fold:
+    """Every train pair for training, nothing held out: the final head after cross-validation."""
+    return make_fold(pairs, pairs.dataset.train_pairs, [])
+
+
+def evaluate(embeddings: np.ndarray, fold: Fold, assign_method: str = "none",
              temperature: float = DEFAULT_TEMPERATURE) -> dict[str, float]:
     """Validation figures from unit embeddings (M, D) of the validation images: top1, top2,
     mrr, and the same with `_assigned` after the one-to-one assignment (unless none)."""
-    scores = candidate_similarities(embeddings, split.val_queries, split.val_candidates)
-    metrics = ranking_metrics(scores, split.val_truth)
+    scores = candidate_similarities(embeddings, fold.val_queries, fold.val_candidates)
+    metrics = ranking_metrics(scores, fold.val_truth)
     if assign_method != "none":
-        assigned = assign(scores, split.val_candidates, assign_method, temperature)  # (Q, K)
+        assigned = assign(scores, fold.val_candidates, assign_method, temperature)  # (Q, K)
         metrics |= {f"{k}_assigned": v
-                    for k, v in ranking_metrics(assigned, split.val_truth).items()}
+                    for k, v in ranking_metrics(assigned, fold.val_truth).items()}
     return metrics
 
 
 def selection_figure(config: TrainConfig) -> str:
     """The figure the kept epoch is chosen by: what `python -m infer` reports by default."""
     return "top2" if config.assign == "none" else "top2_assigned"
+
+
+def summarize(records: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each figure over folds, and with several folds its standard error
+    (`<figure>_se`, sample standard deviation / sqrt(K))."""
+    summary = {}
+    for key in records[0]:
+        values = np.array([r[key] for r in records], dtype=np.float64)
+        summary[key] = float(values.mean())
+        if len(values) > 1:
+            summary[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values)))
+    return summary
 
 
 @torch.no_grad()
@@ -134,21 +201,20 @@ def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: in
     return torch.cat(out).cpu().numpy()
 
 
-def frozen_baseline(split: CachedSplit, config: TrainConfig) -> dict[str, float]:
+def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
     """The trunk alone: global-average-pooled feature maps compared by cosine."""
-    pooled = split.features[split.val_images].float().mean(dim=(2, 3))  # (M, C)
-    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), split,
+    pooled = fold.features[fold.val_images].float().mean(dim=(2, 3))  # (M, C)
+    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), fold,
                     config.assign, config.assign_temperature)
 
 
-def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit,
+def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
                 config: TrainConfig, epoch: int, generator: torch.Generator) -> float:
     """One pass over the training pairs in shuffled batches; returns the mean batch loss.
     Refuses an epoch that diverges, or ends with every embedding in one point (the head has
     collapsed: the loss then sits at the margin and nothing can move it again)."""
     head.train()
-    order = torch.randperm(len(split.train_left), generator=generator).to(
-        split.features.device)
+    order = torch.randperm(len(fold.train_left), generator=generator).to(fold.features.device)
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     batches = [b for b in batches if len(b) > 1]  # a lone pair has no in-batch negative
     if not batches:
@@ -157,8 +223,8 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, split: CachedSplit
     total = 0.0
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
     for number, batch in enumerate(bar, start=1):
-        anchors = head(split.features[split.train_left[batch]].float())  # (B, D)
-        positives = head(split.features[split.train_right[batch]].float())  # (B, D)
+        anchors = head(fold.features[fold.train_left[batch]].float())  # (B, D)
+        positives = head(fold.features[fold.train_right[batch]].float())  # (B, D)
         loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {number}; "
@@ -178,6 +244,63 @@ def embeddings_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> b
     """Whether unit embeddings (N, D) all lie within `tolerance` of their mean: one point."""
     spread = (embeddings - embeddings.mean(dim=0)).norm(dim=1)  # (N,)
     return bool(spread.max() < tolerance)
+
+
+class Trainer:
+    """One head, its optimiser and its batch order, trained epoch by epoch on one fold.
+    `--seed` alone decides the initialisation and the order, whatever the fold."""
+
+    def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig):
+        self.fold, self.config = fold, config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.head = Head(head_config).to(fold.features.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def epoch(self, number: int) -> dict[str, float]:
+        """Train one epoch; returns its loss and, where the fold has queries, the validation
+        figures."""
+        loss = train_epoch(self.head, self.optimizer, self.fold, self.config, number,
+                           self.generator)
+        if not len(self.fold.val_truth):
+            return {"loss": loss}
+        embeddings = embed(self.head, self.fold.features, self.fold.val_images,
+                           self.config.batch_size)
+        if not np.isfinite(embeddings).all():  # the last step can diverge unseen
+            raise UserError(f"the weights diverged in epoch {number} (non-finite embeddings); "
+                            "try a lower --lr")
+        return {"loss": loss, **evaluate(embeddings, self.fold, self.config.assign,
+                                         self.config.assign_temperature)}
+
+
+def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
+                   on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train one head per fold, side by side, for config.epochs; returns each epoch's summary
+    over the folds (`summarize`, plus `epoch`, `seconds` and the per-fold figures under
+    `folds`). `on_epoch(epoch, summary)` runs after each epoch (a sweep reports and prunes)."""
+    trainers = [Trainer(fold, head_config, config) for fold in folds]
+    history = []
+    for number in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        records = [trainer.epoch(number) for trainer in trainers]
+        summary = {"epoch": number, **summarize(records),
+                   "seconds": time.perf_counter() - started}
+        if len(records) > 1:
+            summary["folds"] = records
+        history.append(summary)
+        if on_epoch:
+            on_epoch(number, summary)
+    return history
+
+
+def best_epoch(history: list[dict], config: TrainConfig) -> dict:
+    """The first epoch with the best mean selection figure (the last one without validation)."""
+    figure = selection_figure(config)
+    if figure not in history[0]:
+        return history[-1]
+    return max(history, key=lambda record: record[figure])
 
 
 def check_run_name(name: str) -> None:
@@ -212,87 +335,126 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
                         "another --name")
     info = read_info(cache)
     config = TrainConfig(cache=str(cache), name=name, **options)
-    if (config.negatives not in NEGATIVES or config.attention not in ATTENTIONS
-            or config.assign not in ASSIGN_METHODS):
-        raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}, "
-                        f"--assign takes {ASSIGN_METHODS}")
+    check_config(config)
     device = resolve_device(config.device)
     logger.info("train %s on %s (%s %s, weights %s) on %s", name, cache, info.backbone,
                 info.layer, info.weights_id, device)
     logger.info("config %s", json.dumps(asdict(config)))
-    split = load_split(cache, info, Path(data) if data else None, config.val_fraction,
-                       config.seed, device)
-    if len(split.train_left) < 2:
-        raise UserError(f"{len(split.train_left)} training pair(s) left after holding out "
-                        f"{len(split.val_truth)} for validation: training needs at least 2; "
-                        "lower --val-fraction")
-    has_val = len(split.val_truth) > 0
-    baseline = frozen_baseline(split, config) if has_val else None
+    pairs = load_pairs(cache, info, Path(data) if data else None, device)
+    folds = validation_folds(pairs, config)
+    has_val = len(folds[0].val_truth) > 0
+    baseline = summarize([frozen_baseline(f, config) for f in folds]) if has_val else None
     if baseline:
-        logger.info("frozen trunk (pooled, cosine) on %d validation queries:%s",
-                    len(split.val_truth), "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
-
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+        logger.info("frozen trunk (pooled, cosine), %s:%s", _validated_on(folds),
+                    "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
     head_config = HeadConfig(feature_shapes=(info.feature_shape,),
                              embedding_dim=config.embedding_dim, pool=config.pool,
                              attention=config.attention)
-    head = Head(head_config).to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    description = dict(cache=asdict(info), train_config=asdict(config), baseline=baseline)
 
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
-        history = []
-        best = None
-        for epoch in range(1, config.epochs + 1):
-            started = time.perf_counter()
-            loss = train_epoch(head, optimizer, split, config, epoch, generator)
-            metrics = {}
-            if has_val:
-                embeddings = embed(head, split.features, split.val_images, config.batch_size)
-                if not np.isfinite(embeddings).all():  # the last step can diverge unseen
-                    raise UserError(f"the weights diverged in epoch {epoch} (non-finite "
-                                    "embeddings); try a lower --lr")
-                metrics = evaluate(embeddings, split, config.assign, config.assign_temperature)
-            record = {"epoch": epoch, "loss": loss, **metrics,
-                      "seconds": time.perf_counter() - started}
-            history.append(record)
+        def log_epoch(number: int, record: dict) -> None:
             with open(work / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            logger.info("epoch %2d  loss %.4f%s  (%.1f s)", epoch, loss,
-                        "".join(f"  {k} {metrics[k]:.3f}" for k in metrics), record["seconds"])
-            chosen_by = selection_figure(config)
-            if best is None or not has_val or metrics[chosen_by] > best[chosen_by]:
-                best = record
-                save_checkpoint(work / "head.pt", head, cache=asdict(info),
-                                train_config=asdict(config), best_epoch=epoch, metrics=metrics,
-                                baseline=baseline)
+            logger.info("epoch %2d  %s  (%.1f s)", number, _figures(record), record["seconds"])
+
+        if config.folds:
+            history = cross_validate(folds, head_config, config, log_epoch)
+            best = best_epoch(history, config)
+            logger.info("%d-fold cross-validation chose %d epochs; training the final head on "
+                        "all %d train pairs", config.folds, best["epoch"],
+                        len(pairs.dataset.train_pairs))
+            final = Trainer(all_pairs_fold(pairs), head_config,
+                            dataclasses.replace(config, epochs=best["epoch"]))
+            for number in range(1, best["epoch"] + 1):
+                final.epoch(number)
+            save_checkpoint(work / "head.pt", final.head, best_epoch=best["epoch"],
+                            metrics=_figures_only(best), **description)
+        else:
+            history = _train_single_split(folds[0], head_config, config, work, description,
+                                          log_epoch)
+            best = best_epoch(history, config)
         summary = {"config": asdict(config), "cache": asdict(info), "baseline": baseline,
-                   "best": best}
+                   "best": {k: v for k, v in best.items() if k != "folds"}}
         (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(history, baseline, work / "curves.png")
     log_summary(history, baseline, best, config)
     return run
 
 
+def check_config(config: TrainConfig) -> None:
+    if (config.negatives not in NEGATIVES or config.attention not in ATTENTIONS
+            or config.assign not in ASSIGN_METHODS):
+        raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}, "
+                        f"--assign takes {ASSIGN_METHODS}")
+    if config.folds == 1 or config.folds < 0:
+        raise UserError(f"--folds {config.folds}: cross-validation takes at least 2 folds "
+                        "(0 for one split of --val-fraction)")
+
+
+def _train_single_split(fold: Fold, head_config: HeadConfig, config: TrainConfig, work: Path,
+                        description: dict, log_epoch: Callable[[int, dict], None]
+                        ) -> list[dict]:
+    """Train on one split, keeping the head of the best epoch so far in work/head.pt."""
+    trainer = Trainer(fold, head_config, config)
+    history = []
+    for number in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        record = {"epoch": number, **trainer.epoch(number),
+                  "seconds": time.perf_counter() - started}
+        history.append(record)
+        log_epoch(number, record)
+        if best_epoch(history, config) is record:
+            save_checkpoint(work / "head.pt", trainer.head, best_epoch=number,
+                            metrics=_figures_only(record), **description)
+    return history
+
+
+def _validated_on(folds: list[Fold]) -> str:
+    if len(folds) == 1:
+        return f"{len(folds[0].val_truth)} validation queries"
+    return f"mean of {len(folds)} folds of {min(len(f.val_truth) for f in folds)}+ queries"
+
+
+def _figures_only(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("epoch", "loss", "loss_se", "seconds",
+                                                          "folds")}
+
+
+def _figures(record: dict) -> str:
+    """`loss 0.1234  top1 0.250±0.020 ...`: each figure, with its standard error if any."""
+    parts = []
+    for key, value in record.items():
+        if key in ("epoch", "seconds", "folds") or key.endswith("_se"):
+            continue
+        text = f"{value:.4f}" if key == "loss" else f"{value:.3f}"
+        if f"{key}_se" in record:
+            text += f"±{record[key + '_se']:.3f}"
+        parts.append(f"{key.replace('_assigned', '+a')} {text}")
+    return "  ".join(parts)
+
+
 def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
-    """Training loss, and validation top-2 per epoch (plain, and assigned where it was run)."""
+    """Training loss, and validation top-2 per epoch (plain, and assigned where it was run);
+    with cross-validation the mean over folds with a band of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in history]
+    epochs = np.array([r["epoch"] for r in history])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [r["loss"] for r in history], marker="o")
+    _plot_with_band(left, epochs, history, "loss", "loss")
     left.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
     if baseline:
         for key, label in (("top2", "head"), ("top2_assigned", "head, assigned")):
             if key in baseline:
-                line, = right.plot(epochs, [r[key] for r in history], marker="o", label=label)
+                line = _plot_with_band(right, epochs, history, key, label)
                 right.axhline(baseline[key], color=line.get_color(), linestyle="--",
                               label=f"frozen trunk{label[4:]}")
-        right.set(xlabel="epoch", ylabel="top-2 accuracy", title="validation top-2")
+        folds = history[0].get("folds")
+        title = f"validation top-2, mean of {len(folds)} folds" if folds else "validation top-2"
+        right.set(xlabel="epoch", ylabel="top-2 accuracy", title=title)
         right.legend()
     else:
         right.set_axis_off()
@@ -301,19 +463,38 @@ def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_with_band(axes, epochs: np.ndarray, history: list[dict], key: str, label: str):
+    mean = np.array([r[key] for r in history])
+    (line,) = axes.plot(epochs, mean, marker="o", label=label)
+    if f"{key}_se" in history[0]:
+        se = np.array([r[f"{key}_se"] for r in history])
+        axes.fill_between(epochs, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+    return line
+
+
 def log_summary(history: list[dict], baseline: dict | None, best: dict,
                 config: TrainConfig) -> None:
-    columns = [c for c in ("top1", "top2", "mrr", "top1_assigned", "top2_assigned",
+    """One table: the frozen trunk, then each epoch's loss and figures (mean ± standard error
+    with cross-validation), the kept epoch marked."""
+    figures = [c for c in ("top1", "top2", "mrr", "top1_assigned", "top2_assigned",
                            "mrr_assigned") if c in best]
-    names = [c.replace("_assigned", "+a") for c in columns]
-    lines = ["epoch   loss    " + "".join(f"{c:>8}" for c in names)]
+    width = 14 if config.folds else 8
+
+    def cells(record: dict) -> str:
+        return "".join((f"{record[c]:.3f}±{record[c + '_se']:.3f}" if c + "_se" in record
+                        else f"{record[c]:.3f}").rjust(width) for c in figures)
+
+    names = [c.replace("_assigned", "+a") for c in figures]
+    lines = ["epoch   loss    " + "".join(name.rjust(width) for name in names)]
     if baseline:
-        lines.append("frozen  -       " + "".join(f"{baseline[c]:8.3f}" for c in columns))
+        lines.append("frozen  -       " + cells(baseline))
     for r in history:
         mark = "  <- kept" if r is best else ""
-        lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} "
-                     + "".join(f"{r[c]:8.3f}" for c in columns) + mark)
-    if "top2_assigned" in columns:
+        lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} " + cells(r) + mark)
+    if config.folds:
+        lines.append(f"mean ± standard error over {config.folds} folds; the final head was "
+                     f"trained on all pairs for {best['epoch']} epochs")
+    if "top2_assigned" in figures:
         lines.append(f"+a: after {config.assign} assignment"
                      + (f" at temperature {config.assign_temperature:g}"
                         if config.assign == "sinkhorn" else "")
@@ -355,11 +536,24 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
               default=_defaults["assign_temperature"], help="Sinkhorn's temperature.")
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
               default=_defaults["val_fraction"],
-              help="Train pairs held out for validation (0: train on all, keep the last epoch).")
-@click.option("--seed", type=int, default=_defaults["seed"])
+              help="Train pairs held out for validation (0: train on all, keep the last "
+                   "epoch). Not with --folds.")
+@click.option("--folds", type=click.IntRange(min=0), default=_defaults["folds"],
+              help="K >= 2: K-fold cross-validation (mean and standard error per epoch; the "
+                   "final head trained on all pairs for the best number of epochs). 0: one "
+                   "split of --val-fraction.")
+@click.option("--split-seed", type=int, default=_defaults["split_seed"],
+              help="Draws the validation split or the folds.")
+@click.option("--seed", type=int, default=_defaults["seed"],
+              help="Draws the initialisation and the batch order.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_defaults["device"])
-def cli(**options) -> None:
+@click.pass_context
+def cli(context: click.Context, **options) -> None:
     """Train the attention / max-pool / FC head with a cosine triplet loss on a feature cache."""
+    if options["folds"] and context.get_parameter_source("val_fraction") \
+            == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--val-fraction and --folds exclude each other: the folds hold "
+                               "out 1/K of the pairs each")
     with user_errors(interrupted="interrupted; no run folder was written (training does not "
                                  "resume: rerun to train again)"):
         run = main(**options)

@@ -158,7 +158,8 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
         queries = dataset.test_queries
     elif split == "val":
         if not info.val_fraction:
-            raise UserError(f"{onnx} was trained without a validation split (--val-fraction 0)")
+            raise UserError(f"{onnx} was trained on every train pair (--val-fraction 0, or the "
+                            "final head of --folds): it has no held-out split to score")
         if info.dataset_fingerprint != dataset.fingerprint():
             raise UserError(f"{onnx} was trained on another dataset than {dataset.root}: its "
                             "validation split cannot be rebuilt here")

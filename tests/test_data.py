@@ -18,6 +18,7 @@ from PIL import Image
 from extract.data import (
     DataError,
     Dataset,
+    fold_splits,
     load_image,
     read_dataset,
     validation_split,
@@ -389,11 +390,16 @@ def _fake_dataset(n_pairs: int) -> Dataset:
 
 
 def _check_split(dataset: Dataset, fraction: float, seed: int) -> None:
-    pairs = dataset.train_pairs
     train, queries = validation_split(dataset, fraction, seed)
-    truth_of = {f"train/left/{left}": f"train/right/{right}" for left, right in pairs}
+    assert len(queries) == round(len(dataset.train_pairs) * fraction)
+    _check_held_out(dataset.train_pairs, train, queries)
 
-    assert len(queries) == round(len(pairs) * fraction)
+
+def _check_held_out(pairs: list[tuple[str, str]], train: list[tuple[str, str]],
+                    queries: list) -> None:
+    """The queries hold out exactly the pairs not in `train`, laid out like the Kaggle test:
+    each held-out right is one query's truth and every foil is another held-out right."""
+    truth_of = {f"train/left/{left}": f"train/right/{right}" for left, right in pairs}
     held_out_lefts = [q.left.removeprefix("train/left/") for q in queries]
     assert len(set(held_out_lefts)) == len(queries)
     assert set(held_out_lefts).isdisjoint(left for left, _ in train)
@@ -430,6 +436,29 @@ def test_validation_split_of_synthetic_data_uses_its_images(synthetic: Path) -> 
     for query in queries:
         assert query.left in dataset.images
         assert all(c in dataset.images for c in query.candidates)
+
+
+@pytest.mark.parametrize(("n_pairs", "folds", "seed"), [(100, 5, 0), (103, 5, 1), (1600, 5, 0),
+                                                       (45, 2, 3)])
+def test_fold_layout(n_pairs: int, folds: int, seed: int) -> None:
+    """Each fold is a Kaggle-like split of its own pairs; every pair is held out exactly once."""
+    dataset = _fake_dataset(n_pairs)
+    splits = fold_splits(dataset, folds, seed)
+    assert len(splits) == folds
+    held_out = [q.left for _, queries in splits for q in queries]
+    assert sorted(held_out) == sorted(f"train/left/{left}" for left, _ in dataset.train_pairs)
+    sizes = [len(queries) for _, queries in splits]
+    assert max(sizes) - min(sizes) <= 1
+    for train, queries in splits:
+        _check_held_out(dataset.train_pairs, train, queries)  # foils from this fold only
+    assert fold_splits(dataset, folds, seed) == splits
+    assert fold_splits(dataset, folds, seed + 1) != splits
+
+
+@pytest.mark.parametrize(("n_pairs", "folds"), [(100, 1), (100, 6), (39, 2), (100, 0)])
+def test_fold_splits_refuse_folds_too_small_or_too_few(n_pairs: int, folds: int) -> None:
+    with pytest.raises(DataError, match="at least 2 folds of at least 20 pairs"):
+        fold_splits(_fake_dataset(n_pairs), folds, 0)
 
 
 def test_validation_split_is_seeded() -> None:

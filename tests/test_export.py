@@ -25,7 +25,7 @@ from head.train import main as train
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 METADATA = {"backbone", "layer", "weights", "input_size", "embedding_dim", "tll_version",
-            "val_fraction", "split_seed", "assign", "assign_temperature"}
+            "val_fraction", "split_seed", "folds", "assign", "assign_temperature"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,8 @@ def test_file_describes_itself(models: dict, backbone: str) -> None:
     assert json.loads(props["input_size"]) == cache["input_size"]
     assert int(props["embedding_dim"]) == config["embedding_dim"]
     assert float(props["val_fraction"]) == config["val_fraction"]
-    assert int(props["split_seed"]) == config["seed"]
+    assert int(props["split_seed"]) == config["split_seed"]
+    assert int(props["folds"]) == config["folds"] == 0
     assert props["tll_version"] == importlib.metadata.version("tll")
     assert props["dataset_fingerprint"] == cache["dataset_fingerprint"]
     metrics = json.loads(props["val_metrics"])

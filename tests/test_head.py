@@ -26,6 +26,7 @@ from extract.cache import (
     read_keys,
 )
 from head import train as train_module
+from head.export import describe
 from head.model import (
     ATTENTIONS,
     GridMaxPool,
@@ -35,7 +36,17 @@ from head.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from head.train import cli, embed, evaluate, load_split
+from head.train import (
+    Fold,
+    TrainConfig,
+    Trainer,
+    all_pairs_fold,
+    cli,
+    embed,
+    evaluate,
+    load_pairs,
+    validation_folds,
+)
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 # the feature maps the two default trunks give at the dataset's native 245 x 200
@@ -200,8 +211,9 @@ def test_checkpoint_holds_the_kept_epoch(trained_run: Path, train_data: Path) ->
     assert json.loads(json.dumps(checkpoint["cache"])) == summary["cache"]
     assert checkpoint["baseline"] == summary["baseline"]
     cache = Path(summary["config"]["cache"])
-    split = load_split(cache, read_info(cache), train_data, TRAIN_SETTINGS["val_fraction"],
-                       TRAIN_SETTINGS["seed"], torch.device("cpu"))
+    pairs = load_pairs(cache, read_info(cache), train_data, torch.device("cpu"))
+    config = TrainConfig(cache=str(cache), name="r50", **TRAIN_SETTINGS)
+    (split,) = validation_folds(pairs, config)
     assert len(split.val_truth) == round(0.2 * 300)
     metrics = evaluate(embed(head, split.features, split.val_images, 64), split)
     for key in ("top1", "top2", "mrr"):
@@ -241,14 +253,12 @@ def test_assigned_figures_choose_the_kept_epoch(train_cache: Path, tmp_path: Pat
 
 def test_evaluate_reports_the_assignment_on_a_known_pool() -> None:
     """Three queries whose plain favourites collide on one image: assignment sorts them out."""
-    from head.train import CachedSplit
-
     # images 0-2 are the queries, 3-5 their true matches; queries 1 and 2 look most like
     # image 3 (cosine 0.9) and only then like their own (0.83)
     embeddings = np.array([[1, 0, 0], [0.9, 0.44, 0], [0.9, 0, 0.44],
                            [1, 0, 0], [0.5, 0.87, 0], [0.5, 0, 0.87]], dtype=np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    split = CachedSplit(features=torch.zeros(0), train_left=torch.zeros(0),
+    split = Fold(features=torch.zeros(0), train_left=torch.zeros(0),
                         train_right=torch.zeros(0), val_images=torch.zeros(0),
                         val_queries=np.array([0, 1, 2]),
                         val_candidates=np.array([[3, 4, 5], [3, 4, 5], [3, 4, 5]]),
@@ -257,6 +267,71 @@ def test_evaluate_reports_the_assignment_on_a_known_pool() -> None:
     assert plain == {"top1": pytest.approx(1 / 3), "top2": 1.0, "mrr": pytest.approx(2 / 3)}
     assigned = evaluate(embeddings, split, "hungarian")
     assert assigned["top1_assigned"] == 1.0 and assigned["top1"] == pytest.approx(1 / 3)
+
+
+def _config(cache: Path, **changes) -> TrainConfig:
+    return TrainConfig(cache=str(cache), name="x", **{**TRAIN_SETTINGS, **changes})
+
+
+def test_split_seed_and_seed_act_independently(train_cache: Path) -> None:
+    """--split-seed draws the held-out pairs alone, --seed the initial weights and the batch
+    order alone."""
+    pairs = load_pairs(train_cache, read_info(train_cache), None, torch.device("cpu"))
+    configs = {"a": _config(train_cache), "other seed": _config(train_cache, seed=5),
+               "other split": _config(train_cache, split_seed=3)}
+    folds = {name: validation_folds(pairs, config)[0] for name, config in configs.items()}
+    assert np.array_equal(folds["a"].val_candidates, folds["other seed"].val_candidates)
+    assert torch.equal(folds["a"].val_images, folds["other seed"].val_images)
+    assert not torch.equal(folds["a"].val_images, folds["other split"].val_images)
+
+    head_config = HeadConfig(feature_shapes=(read_info(train_cache).feature_shape,))
+    trainers = {name: Trainer(folds[name], head_config, config)
+                for name, config in configs.items()}
+    weights = {name: t.head.state_dict()["fc.weight"] for name, t in trainers.items()}
+    orders = {name: torch.randperm(100, generator=t.generator) for name, t in trainers.items()}
+    assert torch.equal(weights["a"], weights["other split"])
+    assert torch.equal(orders["a"], orders["other split"])
+    assert not torch.equal(weights["a"], weights["other seed"])
+    assert not torch.equal(orders["a"], orders["other seed"])
+
+
+def test_cross_validation(train_cache: Path, tmp_path: Path) -> None:
+    """--folds 3: each epoch's mean and standard error over the folds, the epoch count chosen by
+    the mean, and a final head trained on every pair for that many epochs."""
+    settings = {**TRAIN_SETTINGS, "epochs": 3, "folds": 3}
+    run = train_module.main(train_cache, name="cv", runs_dir=tmp_path / "runs", **settings)
+    history = read_metrics(run)
+    for record in history:
+        assert len(record["folds"]) == 3
+        for key in ("loss", "top1", "top2", "mrr"):
+            values = np.array([fold[key] for fold in record["folds"]])
+            assert record[key] == pytest.approx(values.mean())
+            assert record[f"{key}_se"] == pytest.approx(values.std(ddof=1) / np.sqrt(3))
+    summary = json.loads((run / "config.json").read_text())
+    chosen = max(history, key=lambda r: r["top2"])["epoch"]
+    assert summary["best"]["epoch"] == chosen and "folds" not in summary["best"]
+    assert {"top2", "top2_se"} <= set(summary["baseline"])
+
+    head, checkpoint = load_checkpoint(run / "head.pt")
+    assert checkpoint["best_epoch"] == chosen
+    assert checkpoint["metrics"]["top2"] == history[chosen - 1]["top2"]
+    pairs = load_pairs(train_cache, read_info(train_cache), None, torch.device("cpu"))
+    config = _config(train_cache, **{**settings, "epochs": chosen})
+    final = Trainer(all_pairs_fold(pairs), head.config, config)
+    for number in range(1, chosen + 1):
+        final.epoch(number)
+    for key, value in final.head.state_dict().items():
+        assert torch.equal(head.state_dict()[key], value), key
+    described = describe(checkpoint)  # the final head saw every pair: nothing to score it on
+    assert described["val_fraction"] == "0.0" and described["folds"] == "3"
+
+
+def test_folds_and_val_fraction_exclude_each_other(train_cache: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = invoke(*train_args(train_cache, runs, "--folds", "3", "--val-fraction", "0.2"))
+    assert result.exit_code == 2, result.text
+    assert "--val-fraction and --folds exclude each other" in result.text
+    assert_no_run_left(runs)
 
 
 def test_no_validation_keeps_the_last_epoch(train_cache: Path, tmp_path: Path) -> None:
