@@ -209,7 +209,8 @@ def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
 
 
 def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
-                config: TrainConfig, epoch: int, generator: torch.Generator) -> float:
+                config: TrainConfig, epoch: int, generator: torch.Generator,
+                progress: bool = True) -> float:
     """One pass over the training pairs in shuffled batches; returns the mean batch loss.
     Refuses an epoch that diverges, or ends with every embedding in one point (the head has
     collapsed: the loss then sits at the margin and nothing can move it again)."""
@@ -221,7 +222,8 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
         raise UserError(f"{len(order)} training pair(s) make no batch of two; an epoch would "
                         "take no step")
     total = 0.0
-    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not progress)
     for number, batch in enumerate(bar, start=1):
         anchors = head(fold.features[fold.train_left[batch]].float())  # (B, D)
         positives = head(fold.features[fold.train_right[batch]].float())  # (B, D)
@@ -250,8 +252,9 @@ class Trainer:
     """One head, its optimiser and its batch order, trained epoch by epoch on one fold.
     `--seed` alone decides the initialisation and the order, whatever the fold."""
 
-    def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig):
-        self.fold, self.config = fold, config
+    def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
+                 progress: bool = True):
+        self.fold, self.config, self.progress = fold, config, progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.head = Head(head_config).to(fold.features.device)
@@ -263,7 +266,7 @@ class Trainer:
         """Train one epoch; returns its loss and, where the fold has queries, the validation
         figures."""
         loss = train_epoch(self.head, self.optimizer, self.fold, self.config, number,
-                           self.generator)
+                           self.generator, self.progress)
         if not len(self.fold.val_truth):
             return {"loss": loss}
         embeddings = embed(self.head, self.fold.features, self.fold.val_images,
@@ -276,11 +279,13 @@ class Trainer:
 
 
 def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
-                   on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+                   on_epoch: Callable[[int, dict], None] | None = None,
+                   progress: bool = True) -> list[dict]:
     """Train one head per fold, side by side, for config.epochs; returns each epoch's summary
     over the folds (`summarize`, plus `epoch`, `seconds` and the per-fold figures under
-    `folds`). `on_epoch(epoch, summary)` runs after each epoch (a sweep reports and prunes)."""
-    trainers = [Trainer(fold, head_config, config) for fold in folds]
+    `folds`). `on_epoch(epoch, summary)` runs after each epoch (a sweep reports and prunes);
+    `progress` shows each epoch's batch bar."""
+    trainers = [Trainer(fold, head_config, config, progress) for fold in folds]
     history = []
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()

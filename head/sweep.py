@@ -1,0 +1,341 @@
+"""`python -m head.sweep`: search the head's and training's settings with Optuna, every trial
+scored by k-fold cross-validation.
+
+A study lives in its storage (default ``sqlite:///<runs-dir>/sweeps.db``): rerunning the same
+command resumes it and adds `--trials` more; several processes, or several machines pointed at
+one database URL (PostgreSQL or MySQL, which Optuna supports), run one study together. This is
+Optuna's own distributed mode; there is no scheduler of ours.
+
+The cache is loaded once per process and its folds are built once: every trial trains on the
+same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE (narrowed
+with `--param`), reports each epoch's mean validation top-2 (after the assignment, unless
+`--assign none`) to TPE and the median pruner, and is scored by its best epoch. Output in
+``<runs-dir>/sweeps/<study>/``: leaderboard.md (the best trials with mean +- standard error),
+trials.csv, history.png, importance.png and best-command.txt, the `python -m head.train` command
+that trains the best config.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import random
+import shlex
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import optuna
+
+from extract import UserError, UserPath, logger, user_errors
+from extract.backbones import resolve_device
+from extract.cache import read_info
+from extract.files import atomic_output, check_output, write_text
+from head.loss import NEGATIVES
+from head.model import ATTENTIONS, HeadConfig
+from head.train import (
+    DEFAULT_RUNS_DIR,
+    TrainConfig,
+    best_epoch,
+    check_config,
+    check_run_name,
+    cross_validate,
+    load_pairs,
+    selection_figure,
+    validation_folds,
+)
+from infer.scoring import ASSIGN_METHODS
+
+LEADERBOARD_SIZE = 10
+STORAGE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where one TrainConfig field is searched: a range (`low`..`high`, on a log scale if `log`)
+    or a set of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+
+    def suggest(self, trial: optuna.Trial, name: str, kind: type):
+        if self.choices is not None:
+            return trial.suggest_categorical(name, self.choices)
+        if kind is int:
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+SEARCH_SPACE: dict[str, Space] = {
+    "lr": Space(1e-5, 1e-2, log=True),
+    "weight_decay": Space(1e-6, 1e-1, log=True),
+    "margin": Space(0.05, 0.5),
+    "negatives": Space(choices=NEGATIVES),
+    "batch_size": Space(choices=(32, 64, 128)),
+    "embedding_dim": Space(choices=(64, 128, 256, 512)),
+    "pool": Space(1, 3),
+    "attention": Space(choices=ATTENTIONS),
+    "epochs": Space(4, 20),  # the most a trial trains; its best epoch is chosen by the mean
+}
+# what a sweep holds fixed for every trial: set by its own options, not searched
+FIXED_FIELDS = ("cache", "name", "folds", "split_seed", "seed", "assign", "device",
+                "val_fraction")
+FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
+               if f.name not in FIXED_FIELDS}
+
+
+def parse_param(text: str) -> tuple[str, Space]:
+    """`name=low:high[:log]` (a range), `name=a,b,c` (choices) or `name=value` (fixed)."""
+    name, _, spec = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in FIELD_TYPES or not spec:
+        raise UserError(f"--param {text!r}: expected NAME=SPEC with NAME one of "
+                        f"{', '.join(sorted(FIELD_TYPES))}")
+    kind = FIELD_TYPES[name]
+    try:
+        if ":" in spec:
+            low, high, *rest = spec.split(":")
+            if rest not in ([], ["log"]) or kind not in (int, float):
+                raise ValueError("a range is low:high or low:high:log, of numbers")
+            space = Space(kind(low), kind(high), log=rest == ["log"])
+            if not space.low < space.high or (space.log and space.low <= 0):
+                raise ValueError("a range needs low < high (and low > 0 on a log scale)")
+            return name, space
+        return name, Space(choices=tuple(kind(value) for value in spec.split(",")))
+    except ValueError as error:
+        raise UserError(f"--param {text!r}: {error}") from None
+
+
+def search_space(params: list[str]) -> dict[str, Space]:
+    return {**SEARCH_SPACE, **dict(parse_param(text) for text in params)}
+
+
+def main(cache: str | Path, trials: int = 40, folds: int = 5, study: str | None = None,
+         storage: str | None = None, timeout: float | None = None, params: tuple[str, ...] = (),
+         runs_dir: str | Path = DEFAULT_RUNS_DIR, data: str | Path | None = None,
+         assign: str = TrainConfig.assign,
+         assign_temperature: float = TrainConfig.assign_temperature, split_seed: int = 0,
+         seed: int = 0, sampler_seed: int | None = None, device: str = "auto") -> Path:
+    """Run `trials` more trials of the study (created or resumed); returns its output folder."""
+    cache, runs_dir = Path(cache), Path(runs_dir)
+    study_name = study or f"{cache.stem}-{folds}fold"
+    check_run_name(study_name)
+    out = runs_dir / "sweeps" / study_name
+    check_output(out, "sweep folder", folder=True)
+    space = search_space(list(params))
+    info = read_info(cache)
+    fixed = dict(cache=str(cache), name=study_name, folds=folds, split_seed=split_seed,
+                 seed=seed, assign=assign, assign_temperature=assign_temperature, device=device)
+    check_config(TrainConfig(**fixed))
+    if folds < 2:
+        raise UserError(f"--folds {folds}: a sweep scores each trial by cross-validation, "
+                        "which takes at least 2 folds")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{runs_dir / 'sweeps.db'}"
+    the_study = _open_study(study_name, storage, info, fixed, sampler_seed)
+    figure = selection_figure(TrainConfig(**fixed))
+
+    torch_device = resolve_device(device)
+    pairs = load_pairs(cache, info, Path(data) if data else None, torch_device)
+    fold_list = validation_folds(pairs, TrainConfig(**fixed))  # once, for every trial
+    logger.info("sweep %s (%s): %d trials of %d-fold cross-validation on %s, scored by %s; "
+                "%d trials already in the study", study_name, storage, trials, folds, cache,
+                figure, len(the_study.trials))
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = {name: space[name].suggest(trial, name, FIELD_TYPES[name]) for name in space}
+        config = TrainConfig(**{**fixed, **sampled})
+        check_config(config)
+        head_config = HeadConfig(feature_shapes=(info.feature_shape,),
+                                 embedding_dim=config.embedding_dim, pool=config.pool,
+                                 attention=config.attention)
+
+        def report(epoch: int, summary: dict) -> None:
+            trial.report(summary[figure], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        history = cross_validate(fold_list, head_config, config, report, progress=False)
+        best = best_epoch(history, config)
+        for key, value in best.items():
+            if key != "folds":
+                trial.set_user_attr(key, value)
+        return best[figure]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    the_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(UserError,),
+                       callbacks=[_log_trial], show_progress_bar=True)
+    return write_outputs(the_study, out, figure, fixed)
+
+
+def _open_study(name: str, storage: str, info, fixed: dict,
+                sampler_seed: int | None) -> optuna.Study:
+    """The study, created or resumed; refused if it was started on another cache or setting."""
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            study = optuna.create_study(
+                study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+            break
+        except Exception as error:  # a bad URL, a database that cannot be opened or created
+            # several workers creating one new database race on its tables (optuna#1092):
+            # the loser finds them made on the next try
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise UserError(f"cannot open the study storage {storage!r}: "
+                                f"{str(error).splitlines()[0]}") from None
+            time.sleep(0.5 + random.random())
+    setting = {"backbone": info.backbone, "layer": info.layer, "weights_id": info.weights_id,
+               "input_size": list(info.input_size), "dataset": info.dataset_fingerprint,
+               **{k: fixed[k] for k in ("folds", "split_seed", "seed", "assign",
+                                        "assign_temperature")}}
+    recorded = study.user_attrs.get("setting")
+    if recorded is None:
+        study.set_user_attr("setting", setting)
+        study.set_user_attr("cache", fixed["cache"])
+    elif recorded != setting:
+        differ = [f"{k}: {recorded.get(k)} (study) vs {setting[k]} (now)" for k in setting
+                  if recorded.get(k) != setting[k]]
+        raise UserError(f"study {name!r} in {storage} was run with another setting "
+                        f"({'; '.join(differ)}); its scores would not compare: pass another "
+                        "--study")
+    return study
+
+
+def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        logger.info("trial %d: %.3f at epoch %s  %s", trial.number, trial.value,
+                    trial.user_attrs.get("epoch"), _params_text(trial.params))
+    else:
+        logger.info("trial %d %s  %s", trial.number, trial.state.name.lower(),
+                    _params_text(trial.params))
+
+
+def _params_text(params: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in params.items())
+
+
+def write_outputs(study: optuna.Study, out: Path, figure: str, fixed: dict) -> Path:
+    """The leaderboard, trials.csv, Optuna's plots and the best command, for every trial the
+    study holds (other processes' too); written whole or not at all."""
+    complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                      key=lambda t: -t.value)
+    with atomic_output(out, folder=True, overwrite=True) as work:
+        leaderboard = leaderboard_text(study, complete, figure)
+        write_text(work / "leaderboard.md", lambda f: f.write(leaderboard))
+        write_text(work / "trials.csv", lambda f: _write_trials(f, study, figure))
+        if complete:
+            command = best_command(complete[0], fixed)
+            write_text(work / "best-command.txt", lambda f: f.write(command + "\n"))
+        _plot(study, work)
+    logger.info("sweep %s\n%s", study.study_name, leaderboard)
+    return out
+
+
+def leaderboard_text(study: optuna.Study, complete: list, figure: str) -> str:
+    states = [t.state for t in study.trials]
+    counts = ", ".join(f"{states.count(state)} {state.name.lower()}"
+                       for state in optuna.trial.TrialState if states.count(state))
+    lines = [f"# Sweep {study.study_name}", "",
+             f"{len(study.trials)} trials ({counts}); score: mean validation {figure} over the "
+             "folds +- its standard error, at the trial's best epoch", "",
+             f"| rank | trial | {figure} | epoch | parameters |", "|---|---|---|---|---|"]
+    for rank, trial in enumerate(complete[:LEADERBOARD_SIZE], start=1):
+        se = trial.user_attrs.get(f"{figure}_se", float("nan"))
+        lines.append(f"| {rank} | {trial.number} | {trial.value:.3f} +- {se:.3f} | "
+                     f"{trial.user_attrs.get('epoch')} | {_params_text(trial.params)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_trials(f, study: optuna.Study, figure: str) -> None:
+    names = sorted({name for t in study.trials for name in t.params})
+    writer = csv.writer(f)
+    writer.writerow(["trial", "state", figure, f"{figure}_se", "epoch", "seconds", *names])
+    for t in study.trials:
+        seconds = t.duration.total_seconds() if t.duration else ""
+        writer.writerow([t.number, t.state.name.lower(), "" if t.value is None else t.value,
+                         t.user_attrs.get(f"{figure}_se", ""), t.user_attrs.get("epoch", ""),
+                         seconds, *(t.params.get(name, "") for name in names)])
+
+
+def best_command(trial: optuna.trial.FrozenTrial, fixed: dict) -> str:
+    """The `python -m head.train` command that trains this trial's config, cross-validated the
+    same way (so it picks the same number of epochs), the final head on every pair."""
+    options = {**{k: fixed[k] for k in ("cache", "folds", "split_seed", "seed", "assign",
+                                        "assign_temperature")}, **trial.params,
+               "name": f"{fixed['name']}-trial{trial.number}"}
+    words = ["python", "-m", "head.train"]
+    for key, value in options.items():
+        words += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(words)
+
+
+def _plot(study: optuna.Study, work: Path) -> None:
+    """Optuna's history and parameter-importance plots (its matplotlib backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {"history.png": optuna.visualization.matplotlib.plot_optimization_history,
+             "importance.png": optuna.visualization.matplotlib.plot_param_importances}
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the backend is marked experimental
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as error:  # too few complete trials to say
+                logger.info("no %s yet: %s", name, error)
+                continue
+        axes.figure.set_size_inches(8, 5)
+        axes.figure.tight_layout()
+        axes.figure.savefig(work / name, dpi=100, format="png")
+        plt.close(axes.figure)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--cache", type=UserPath(), required=True,
+              help="Feature cache written by `python -m extract`.")
+@click.option("--trials", type=click.IntRange(min=1), default=40,
+              help="Trials this process adds to the study.")
+@click.option("--folds", type=click.IntRange(min=2), default=5,
+              help="K-fold cross-validation of every trial.")
+@click.option("--study", default=None, help="Study name [default: <cache>-<K>fold].")
+@click.option("--storage", default=None,
+              help="Optuna storage URL, shared by every process of the study, e.g. "
+                   "postgresql://user@host/db [default: sqlite:///<runs-dir>/sweeps.db].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting trials after this many seconds.")
+@click.option("--param", "params", multiple=True, metavar="NAME=SPEC",
+              help="Narrow or widen the search, repeatable: lr=1e-4:1e-2:log (a range), "
+                   "negatives=all,semihard (choices), margin=0.2 (fixed). NAME is any training "
+                   "option: " + ", ".join(sorted(FIELD_TYPES)) + ".")
+@click.option("--runs-dir", type=UserPath(), default=DEFAULT_RUNS_DIR)
+@click.option("--data", type=UserPath(), default=None,
+              help="Dataset folder [default: the one the cache was built from].")
+@click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=TrainConfig.assign,
+              help="The assignment every trial is scored with (as head.train's).")
+@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
+              default=TrainConfig.assign_temperature)
+@click.option("--split-seed", type=int, default=0, help="Draws the folds.")
+@click.option("--seed", type=int, default=0, help="Initialisation and batch order of trials.")
+@click.option("--sampler-seed", type=int, default=None,
+              help="Seeds TPE's sampling (one process only: workers with one seed would "
+                   "sample alike).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
+def cli(**options) -> None:
+    """Search head and training settings with Optuna (TPE, median pruning), each trial scored
+    by k-fold cross-validation; rerun to add trials to the study."""
+    with user_errors(interrupted="interrupted; the study keeps every finished trial: rerun "
+                                 "the same command to go on"):
+        out = main(**options)
+    click.echo(out)
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m head.sweep")
