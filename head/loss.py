@@ -1,17 +1,32 @@
-"""The cosine triplet loss with in-batch negatives, as a pure function of embeddings.
+"""The losses, as pure functions of embeddings: the cosine triplet loss and the symmetric
+InfoNCE, both with in-batch negatives.
 
-Distance D(x, y) = 1 - cos(x, y), computed as 1 - x . y: the embeddings must have unit norm,
-as the head's are. Row i of `anchors` (a left) pairs with row i of `positives`
-(its right); every other row j of `positives` is a negative for anchor i, so a batch of B pairs
-gives each anchor B - 1 negatives and embeds each feature map once.
-Triplet value: max(0, D(a_i, p_i) - D(a_i, p_j) + margin).
+Row i of `anchors` (a left) pairs with row i of `positives` (its right); every other row j of
+`positives` is a negative for anchor i, so a batch of B pairs gives each anchor B - 1 negatives
+and embeds each feature map once. The embeddings must have unit norm, as the head's are, so
+x . y is their cosine.
+
+Triplet: distance D(x, y) = 1 - x . y; value max(0, D(a_i, p_i) - D(a_i, p_j) + margin).
+InfoNCE: logits_ij = a_i . p_j / temperature; the cross-entropy of each left over the rights
+(its own right is the class) and of each right over the lefts, averaged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NEGATIVES = ("all", "hard", "semihard")
+LOSSES = ("triplet", "infonce")
+
+
+def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor,
+                  temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric InfoNCE: mean of the left-to-right and right-to-left cross-entropies, each
+    the mean over the batch."""
+    logits = anchors @ positives.T / temperature  # (B, B): left i against right j
+    target = torch.arange(len(anchors), device=anchors.device)  # (B,) the diagonal
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def cosine_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float = 0.2,

@@ -1,9 +1,10 @@
 """The head, all of it, and `TLLNet`, the whole network that is exported.
 
-Head: for each trunk's feature map, batch norm -> attention -> max-pool to a fixed grid ->
-flatten -> batch norm; the results are concatenated -> one fully connected layer ->
-L2-normalised embedding. It takes one feature map per trunk, so several caches can later feed one
-model.
+Head: for each trunk's feature map, batch norm -> [features layer: 1x1 conv to `features_dim`
+channels, batch norm, ReLU] -> attention -> max-pool to a fixed grid -> flatten -> batch norm;
+the results are concatenated -> [dropout] -> one fully connected layer -> L2-normalised
+embedding. It takes one feature map per trunk, so several caches can feed one model. With
+`features_dim` 0 and `dropout` 0 it is the head of checkpoint format 1, weight for weight.
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -25,7 +26,10 @@ from torch import nn
 from extract import UserError
 
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 1  # raised whenever a checkpoint of the last version would not load
+CHECKPOINT_VERSION = 2  # 2: features layer, dropout
+# every format this code still loads: a format-1 checkpoint is a format-2 one without a features
+# layer or dropout (the same modules, the same state-dict keys)
+READABLE_CHECKPOINTS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class HeadConfig:
     embedding_dim: int = 256
     pool: int = 2  # max-pool each map to a pool x pool grid
     attention: str = "spatial"
+    features_dim: int = 0  # channels of the 1x1 features layer before attention; 0: none
+    dropout: float = 0.0  # before the fully connected layer
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -99,21 +105,30 @@ class Head(nn.Module):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
+        self.branches = nn.ModuleList(self._map_branch(c, h, w)
+                                      for c, h, w in config.feature_shapes)
+        flat = sum(self._channels(c) * config.pool ** 2 for c, _, _ in config.feature_shapes)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc = nn.Linear(flat, config.embedding_dim)
+
+    def _channels(self, trunk_channels: int) -> int:
+        return self.config.features_dim or trunk_channels
+
+    def _map_branch(self, c: int, h: int, w: int) -> nn.Sequential:
+        """(B, c, h, w) -> (B, channels * pool^2); the layers in checkpoint format 1's order."""
+        config, channels = self.config, self._channels(c)
         attention = {"spatial": SpatialAttention, "channel": ChannelAttention,
                      "none": lambda channels: nn.Identity()}[config.attention]
-        self.branches = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(c), attention(c), GridMaxPool(h, w, config.pool),
-                          nn.Flatten(),
-                          nn.BatchNorm1d(c * config.pool ** 2))
-            for c, h, w in config.feature_shapes
-        )
-        flat = sum(c * config.pool ** 2 for c, _, _ in config.feature_shapes)
-        self.fc = nn.Linear(flat, config.embedding_dim)
+        features_layer = [nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                          nn.ReLU()] if config.features_dim else []
+        return nn.Sequential(nn.BatchNorm2d(c), *features_layer, attention(channels),
+                             GridMaxPool(h, w, config.pool), nn.Flatten(),
+                             nn.BatchNorm1d(channels * config.pool ** 2))
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:  # each (B, C_i, h_i, w_i)
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
-                         dim=1)  # (B, sum C_i * pool^2)
-        return F.normalize(self.fc(flat), dim=1)  # (B, D), unit norm
+                         dim=1)  # (B, sum channels_i * pool^2)
+        return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D), unit norm
 
 
 class TLLNet(nn.Module):
@@ -147,9 +162,9 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
         raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0]}); "
                         f"{retrain}") from None
     version = checkpoint.get("format_version") if isinstance(checkpoint, dict) else None
-    if version != CHECKPOINT_VERSION:
+    if version not in READABLE_CHECKPOINTS:
         raise UserError(f"{path} has checkpoint format {version}, this tll reads "
-                        f"{CHECKPOINT_VERSION}; {retrain}")
+                        f"{', '.join(map(str, READABLE_CHECKPOINTS))}; {retrain}")
     try:
         head = Head(HeadConfig(**checkpoint["head_config"]))
         head.load_state_dict(checkpoint["state_dict"])

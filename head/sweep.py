@@ -33,8 +33,8 @@ from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import resolve_device
 from extract.cache import read_info
 from extract.files import atomic_output, check_output, write_text
-from head.loss import NEGATIVES
-from head.model import ATTENTIONS, HeadConfig
+from head.loss import LOSSES, NEGATIVES
+from head.model import ATTENTIONS
 from head.train import (
     DEFAULT_RUNS_DIR,
     TrainConfig,
@@ -42,6 +42,7 @@ from head.train import (
     check_config,
     check_run_name,
     cross_validate,
+    head_config_for,
     load_pairs,
     selection_figure,
     validation_folds,
@@ -79,8 +80,14 @@ SEARCH_SPACE: dict[str, Space] = {
     "embedding_dim": Space(choices=(64, 128, 256, 512)),
     "pool": Space(1, 3),
     "attention": Space(choices=ATTENTIONS),
+    "features_dim": Space(choices=(0, 128, 256, 512)),
+    "dropout": Space(0.0, 0.5),
+    "loss": Space(choices=LOSSES),
+    "temperature": Space(0.02, 0.2, log=True),
     "epochs": Space(4, 20),  # the most a trial trains; its best epoch is chosen by the mean
 }
+# searched only where the loss uses them
+USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "infonce"}
 # what a sweep holds fixed for every trial: set by its own options, not searched
 FIXED_FIELDS = ("cache", "name", "folds", "split_seed", "seed", "assign", "device",
                 "val_fraction")
@@ -147,12 +154,10 @@ def main(cache: str | Path, trials: int = 40, folds: int = 5, study: str | None 
                 figure, len(the_study.trials))
 
     def objective(trial: optuna.Trial) -> float:
-        sampled = {name: space[name].suggest(trial, name, FIELD_TYPES[name]) for name in space}
+        sampled = sample(trial, space)
         config = TrainConfig(**{**fixed, **sampled})
         check_config(config)
-        head_config = HeadConfig(feature_shapes=(info.feature_shape,),
-                                 embedding_dim=config.embedding_dim, pool=config.pool,
-                                 attention=config.attention)
+        head_config = head_config_for(info, config)
 
         def report(epoch: int, summary: dict) -> None:
             trial.report(summary[figure], epoch)
@@ -170,6 +175,18 @@ def main(cache: str | Path, trials: int = 40, folds: int = 5, study: str | None 
     the_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(UserError,),
                        callbacks=[_log_trial], show_progress_bar=True)
     return write_outputs(the_study, out, figure, fixed)
+
+
+def sample(trial: optuna.Trial, space: dict[str, Space]) -> dict:
+    """One config from the space; a loss's own settings only where that loss is drawn."""
+    sampled = {}
+    if "loss" in space:
+        sampled["loss"] = space["loss"].suggest(trial, "loss", str)
+    loss = sampled.get("loss", TrainConfig.loss)
+    for name, where in space.items():
+        if name != "loss" and USED_BY_LOSS.get(name, loss) == loss:
+            sampled[name] = where.suggest(trial, name, FIELD_TYPES[name])
+    return sampled
 
 
 def _open_study(name: str, storage: str, info, fixed: dict,

@@ -44,7 +44,7 @@ from extract.data import (
     validation_split,
 )
 from extract.files import atomic_output, check_output
-from head.loss import NEGATIVES, cosine_triplet_loss
+from head.loss import LOSSES, NEGATIVES, cosine_triplet_loss, info_nce_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
 from infer.scoring import (
     ASSIGN_METHODS,
@@ -72,7 +72,11 @@ class TrainConfig:
     embedding_dim: int = 256
     pool: int = 2
     attention: str = "spatial"
-    negatives: str = "all"
+    features_dim: int = 0  # the 1x1 features layer's channels; 0: none
+    dropout: float = 0.0  # before the fully connected layer
+    loss: str = "triplet"
+    negatives: str = "all"  # the triplet loss's
+    temperature: float = 0.07  # InfoNCE's
     assign: str = DEFAULT_ASSIGN
     assign_temperature: float = DEFAULT_TEMPERATURE
     val_fraction: float = 0.1  # used without --folds
@@ -227,7 +231,10 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     for number, batch in enumerate(bar, start=1):
         anchors = head(fold.features[fold.train_left[batch]].float())  # (B, D)
         positives = head(fold.features[fold.train_right[batch]].float())  # (B, D)
-        loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
+        if config.loss == "infonce":
+            loss = info_nce_loss(anchors, positives, config.temperature)
+        else:
+            loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {number}; "
                             "try a lower --lr")
@@ -238,7 +245,7 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
         bar.set_postfix(loss=f"{loss.item():.4f}")
     if embeddings_collapsed(torch.cat([anchors, positives]).detach()):
         raise UserError(f"the head collapsed in epoch {epoch}: every embedding is the same "
-                        "point, so the loss sits at the margin; try a lower --lr")
+                        "point, so the loss can no longer fall; try a lower --lr")
     return total / len(batches)
 
 
@@ -250,7 +257,8 @@ def embeddings_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> b
 
 class Trainer:
     """One head, its optimiser and its batch order, trained epoch by epoch on one fold.
-    `--seed` alone decides the initialisation and the order, whatever the fold."""
+    `--seed` alone decides the initialisation, the order and the dropout, whatever the fold and
+    whatever ran before in the process."""
 
     def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
                  progress: bool = True):
@@ -265,8 +273,13 @@ class Trainer:
     def epoch(self, number: int) -> dict[str, float]:
         """Train one epoch; returns its loss and, where the fold has queries, the validation
         figures."""
-        loss = train_epoch(self.head, self.optimizer, self.fold, self.config, number,
-                           self.generator, self.progress)
+        device = self.fold.features.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            # dropout draws from the global generator: seed it from --seed and the epoch alone,
+            # so a run does not depend on what trained before it in this process (a sweep)
+            torch.manual_seed(self.config.seed * 1_000_003 + number)
+            loss = train_epoch(self.head, self.optimizer, self.fold, self.config, number,
+                               self.generator, self.progress)
         if not len(self.fold.val_truth):
             return {"loss": loss}
         embeddings = embed(self.head, self.fold.features, self.fold.val_images,
@@ -352,9 +365,7 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
     if baseline:
         logger.info("frozen trunk (pooled, cosine), %s:%s", _validated_on(folds),
                     "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
-    head_config = HeadConfig(feature_shapes=(info.feature_shape,),
-                             embedding_dim=config.embedding_dim, pool=config.pool,
-                             attention=config.attention)
+    head_config = head_config_for(info, config)
     description = dict(cache=asdict(info), train_config=asdict(config), baseline=baseline)
 
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
@@ -387,11 +398,20 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
     return run
 
 
+def head_config_for(info: CacheInfo, config: TrainConfig) -> HeadConfig:
+    return HeadConfig(feature_shapes=(info.feature_shape,), embedding_dim=config.embedding_dim,
+                      pool=config.pool, attention=config.attention,
+                      features_dim=config.features_dim, dropout=config.dropout)
+
+
 def check_config(config: TrainConfig) -> None:
     if (config.negatives not in NEGATIVES or config.attention not in ATTENTIONS
-            or config.assign not in ASSIGN_METHODS):
+            or config.assign not in ASSIGN_METHODS or config.loss not in LOSSES):
         raise UserError(f"--negatives takes {NEGATIVES}, --attention takes {ATTENTIONS}, "
-                        f"--assign takes {ASSIGN_METHODS}")
+                        f"--assign takes {ASSIGN_METHODS}, --loss takes {LOSSES}")
+    if not 0 <= config.dropout < 1 or config.features_dim < 0 or not config.temperature > 0:
+        raise UserError("--dropout takes [0, 1), --features-dim 0 or more, --temperature "
+                        "more than 0")
     if config.folds == 1 or config.folds < 0:
         raise UserError(f"--folds {config.folds}: cross-validation takes at least 2 folds "
                         "(0 for one split of --val-fraction)")
@@ -532,8 +552,18 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--pool", type=click.IntRange(min=1), default=_defaults["pool"],
               help="Max-pool each feature map to a pool x pool grid.")
 @click.option("--attention", type=click.Choice(ATTENTIONS), default=_defaults["attention"])
+@click.option("--features-dim", type=click.IntRange(min=0), default=_defaults["features_dim"],
+              help="Channels of a 1x1 conv + batch norm + ReLU features layer before the "
+                   "attention; 0: none.")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=_defaults["dropout"], help="Dropout before the fully connected layer.")
+@click.option("--loss", type=click.Choice(LOSSES), default=_defaults["loss"],
+              help="Cosine triplet loss, or symmetric InfoNCE over the in-batch pairs.")
 @click.option("--negatives", type=click.Choice(NEGATIVES), default=_defaults["negatives"],
-              help="In-batch negatives: all, the hardest, or the semi-hard ones.")
+              help="The triplet loss's in-batch negatives: all, the hardest, or the semi-hard "
+                   "ones.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+              default=_defaults["temperature"], help="InfoNCE's temperature.")
 @click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=_defaults["assign"],
               help="One-to-one assignment that validation also reports and that picks the "
                    "kept epoch; recorded in the exported model as infer's default.")
@@ -554,7 +584,8 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=_defaults["device"])
 @click.pass_context
 def cli(context: click.Context, **options) -> None:
-    """Train the attention / max-pool / FC head with a cosine triplet loss on a feature cache."""
+    """Train the attention / max-pool / FC head on a feature cache (cosine triplet loss or
+    InfoNCE)."""
     if options["folds"] and context.get_parameter_source("val_fraction") \
             == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--val-fraction and --folds exclude each other: the folds hold "

@@ -127,6 +127,47 @@ def test_head_of_two_trunks_takes_two_maps() -> None:
             head(vgg)
 
 
+def test_features_dim_zero_is_the_format_1_head(tmp_path: Path) -> None:
+    """--features-dim 0 and --dropout 0 keep the head of checkpoint format 1: the same modules
+    and state-dict keys, so a format-1 checkpoint still loads and gives the same embeddings."""
+    shape = REAL_SHAPES["vgg16"]
+    torch.manual_seed(0)
+    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=16))
+    c, h, w = shape
+    format_1 = {  # what format 1 held, spelt out
+        "branches.0.0.weight": (c,), "branches.0.1.score.0.weight": (64, c, 1, 1),
+        "branches.0.1.score.2.weight": (1, 64, 1, 1), "branches.0.4.weight": (c * 4,),
+        "fc.weight": (16, c * 4)}
+    got = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert {k: got.get(k) for k in format_1} == format_1
+    assert not any(".5." in k or "dropout" in k for k in got)  # nothing else with weights
+
+    checkpoint = {"format_version": 1, "state_dict": head.state_dict(),
+                  "head_config": {"feature_shapes": [list(shape)], "embedding_dim": 16,
+                                  "pool": 2, "attention": "spatial"}}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    maps = torch.rand(3, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(maps), head.eval()(maps))
+
+
+def test_features_layer_and_dropout() -> None:
+    shape = REAL_SHAPES["resnet50"]
+    torch.manual_seed(0)
+    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=32, features_dim=128,
+                           dropout=0.3))
+    conv = head.branches[0][1]
+    assert isinstance(conv, torch.nn.Conv2d) and conv.weight.shape == (128, 2048, 1, 1)
+    assert head.fc.weight.shape == (32, 128 * 4)
+    maps = torch.rand(6, *shape)
+    with torch.no_grad():
+        head.train()
+        assert not torch.allclose(head(maps), head(maps))  # dropout draws anew
+        head.eval()
+        torch.testing.assert_close(head(maps), head(maps))  # and is off at inference
+
+
 def test_unknown_attention_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown attention 'foo'"):
         HeadConfig(feature_shapes=((8, 2, 2),), attention="foo")

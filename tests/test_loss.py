@@ -1,5 +1,6 @@
-"""The cosine triplet loss against a brute-force loop over explicit triplets, for every mode
-and dtype, plus the case where no triplet violates the margin."""
+"""The losses against brute-force loops: the cosine triplet loss over explicit triplets (every
+mode and dtype, plus the case where no triplet violates the margin) and InfoNCE over explicit
+softmaxes in both directions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from head.loss import NEGATIVES, cosine_triplet_loss
+from head.loss import NEGATIVES, cosine_triplet_loss, info_nce_loss
 
 
 def unit_pairs(batch: int, dim: int, seed: int, dtype: torch.dtype, noise: float = 0.8):
@@ -121,3 +122,59 @@ def test_unknown_mode_raises_value_error() -> None:
     anchors, positives = unit_pairs(4, dim=6, seed=0, dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown negatives 'hardest'"):
         cosine_triplet_loss(anchors, positives, negatives="hardest")
+
+
+# --- InfoNCE ------------------------------------------------------------------------------------
+
+
+def info_nce_brute_force(anchors: torch.Tensor, positives: torch.Tensor,
+                         temperature: float) -> float:
+    """The docstring, literally: each left's softmax over every right, each right's over every
+    left, the true partner's negative log-probability, averaged over both directions."""
+    a, p = anchors.double().tolist(), positives.double().tolist()
+
+    def similarity(x: list[float], y: list[float]) -> float:
+        return sum(u * v for u, v in zip(x, y, strict=True)) / temperature
+
+    def mean_cross_entropy(rows: list, columns: list) -> float:
+        total = 0.0
+        for i, row in enumerate(rows):
+            logits = [similarity(row, column) for column in columns]
+            total += math.log(sum(math.exp(v) for v in logits)) - logits[i]
+        return total / len(rows)
+
+    return (mean_cross_entropy(a, p) + mean_cross_entropy(p, a)) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,seed", [(2, 1), (3, 9), (8, 3), (17, 5)])
+@pytest.mark.parametrize("temperature", [0.05, 0.07, 0.5])
+def test_info_nce_matches_brute_force(batch: int, seed: int, dtype: torch.dtype,
+                                      temperature: float) -> None:
+    anchors, positives = unit_pairs(batch, 6, seed, dtype)
+    got = info_nce_loss(anchors, positives, temperature)
+    assert got.dtype == dtype
+    expected = info_nce_brute_force(anchors, positives, temperature)
+    tolerance = dict(rel=1e-5, abs=1e-6) if dtype == torch.float32 else dict(rel=1e-10)
+    assert got.item() == pytest.approx(expected, **tolerance)
+
+
+def test_info_nce_counts_both_directions() -> None:
+    """Left-to-right and right-to-left differ when the similarity matrix is not symmetric;
+    the loss is their mean, so swapping the sides leaves it unchanged."""
+    anchors, positives = unit_pairs(5, 4, 7, torch.float64)
+    one_way = torch.nn.functional.cross_entropy(anchors @ positives.T / 0.1, torch.arange(5))
+    other_way = torch.nn.functional.cross_entropy(positives @ anchors.T / 0.1, torch.arange(5))
+    assert abs(one_way - other_way) > 1e-3
+    loss = info_nce_loss(anchors, positives, 0.1)
+    assert loss.item() == pytest.approx(((one_way + other_way) / 2).item(), rel=1e-12)
+    assert info_nce_loss(positives, anchors, 0.1).item() == pytest.approx(loss.item(),
+                                                                           rel=1e-12)
+
+
+def test_info_nce_of_perfect_pairs_falls_with_the_temperature() -> None:
+    """Orthogonal pairs, each left equal to its right: the loss is log(1 + (B-1) e^(-1/T))."""
+    eye = torch.eye(4, dtype=torch.float64)
+    for temperature in (0.5, 0.1):
+        expected = math.log(1 + 3 * math.exp(-1 / temperature))
+        assert info_nce_loss(eye, eye, temperature).item() == pytest.approx(expected, rel=1e-12)

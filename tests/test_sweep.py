@@ -4,6 +4,7 @@ the best command that reproduces the best trial, and the `--param` language."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ from conftest import REPO_ROOT
 
 from extract import UserError
 from head.sweep import SEARCH_SPACE, Space, cli, parse_param, search_space
+from head.train import TrainConfig
 from head.train import main as train
 
 # small and quick: 3 folds of 100 pairs, 2 epochs, batches of 64
@@ -75,10 +77,8 @@ def test_best_command_reproduces_the_best_trial(train_cache: Path, tmp_path: Pat
     words = shlex.split(command)
     assert words[:3] == ["python", "-m", "head.train"]
     options = {words[i][2:].replace("-", "_"): words[i + 1] for i in range(3, len(words), 2)}
-    types = {"folds": int, "split_seed": int, "seed": int, "assign_temperature": float,
-             "lr": float, "weight_decay": float, "margin": float, "batch_size": int,
-             "embedding_dim": int, "pool": int, "epochs": int}
-    config = {k: types.get(k, str)(v) for k, v in options.items() if k not in ("cache", "name")}
+    types = {field.name: type(field.default) for field in dataclasses.fields(TrainConfig)}
+    config = {k: types[k](v) for k, v in options.items() if k not in ("cache", "name")}
     run = train(options["cache"], name=options["name"], runs_dir=tmp_path / "again",
                 device="cpu", **config)
     best = max((t for t in study_trials(runs, "r50-3fold")
