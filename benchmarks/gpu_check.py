@@ -20,6 +20,9 @@ stages' own `main(...)`:
 - head.export of that run: it checks its own parity against ONNX Runtime on the CPU and raises
   on a mismatch.
 - infer with `--device auto`: the ONNX Runtime provider that runs, and a valid submission.
+- torchrun: `torchrun --standalone --nproc-per-node 1 -m extract` (a subprocess: NCCL on CUDA,
+  gloo on a CPU) with the default cache's settings, against that cache: the backend it used,
+  and each image's map within TORCHRUN_MIN_COSINE (byte-identical is reported, not required).
 
 One table, then exit status 1 if any check failed (a slow figure is not a failure). With
 `--device cpu --quick` the same checks run on a small set at a small input size; the float16 ones
@@ -35,6 +38,11 @@ import importlib.metadata
 import itertools
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -80,6 +88,10 @@ FP16_MIN_COSINE = 0.999
 # the wrong rows, drops far below this; only the order of float sums may differ.
 WORKERS_MIN_COSINE = 0.99999
 CPU_WORKERS = 2  # the workers check's setting on a CPU, where the command decodes inline
+# The same blocks through the same trunk in another process: only cuDNN's choice of algorithm
+# may differ, and a block landing on the wrong rows drops far below this.
+TORCHRUN_MIN_COSINE = WORKERS_MIN_COSINE
+TORCHRUN_TIMEOUT = 600  # seconds: a process group that hangs fails the check, not the script
 # what the stages import beyond torch; onnxscript is torch.onnx.export(dynamo=True)'s own need
 PACKAGES = ("torchvision", "h5py", "scikit-learn", "scipy", "matplotlib", "onnx", "onnxscript")
 
@@ -287,9 +299,52 @@ def check_infer(setup: Setup, backbone: str) -> Outcome:
                   submission_problems(submission, queries))
 
 
+def check_torchrun(setup: Setup, backbone: str) -> Outcome:
+    single = setup.default_cache(backbone)
+    out = setup.work / "caches" / f"{backbone}-torchrun.h5"
+    project = str(Path(extract.__file__).resolve().parents[1])  # the checkout this script runs
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "1", "-m", "extract", "--backbone", backbone,
+               "--weights", "none", "--data", str(setup.data), "--out", str(out),
+               "--input-size", *map(str, setup.sizes.input_size), "--device", setup.device.type,
+               "--batch-size", str(BATCH_SIZE)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [project, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # a session of its own: on a timeout the launcher and its worker go together
+    with common.Timer() as timer, subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True) as launcher:
+        try:
+            log = launcher.communicate(timeout=TORCHRUN_TIMEOUT)[1]
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            raise
+    if launcher.returncode != 0:
+        errors = [line for line in log.splitlines() if line.startswith("Error:")]
+        return Outcome(FAIL, note=f"torchrun exited {launcher.returncode}: "
+                                  f"{errors[0] if errors else log[-500:]}")
+    backend = re.search(r"dealt out to 1 process \((\w+)\)", log)
+    expected = "nccl" if setup.on_cuda else "gloo"
+    problems = cache_problems(out, setup.images)
+    if not backend or backend[1] != expected:
+        problems.append(f"the log does not say it ran on {expected}")
+    if read_keys(out) != read_keys(single):
+        return judged([], problems + ["its rows are not the single-process cache's"])
+    maps, reference = cached_maps(out), cached_maps(single)
+    return judged([
+        Figure("backend", backend[1] if backend else "?"),
+        Figure("s, launcher and extraction", timer.seconds),
+        Figure("byte-identical to the single-process cache",
+               "yes" if maps.tobytes() == reference.tobytes() else "no"),
+        at_least("least cosine, torchrun vs single process",
+                 row_cosines(maps, reference).min(), TORCHRUN_MIN_COSINE),
+    ], problems)
+
+
 STEPS: dict[str, Callable[..., Outcome]] = {
     "extract": check_extract, "fp16 agreement": check_fp16, "decode workers": check_workers,
     "head.train": check_train, "head.export": check_export, "infer": check_infer,
+    "torchrun": check_torchrun,
 }
 
 
@@ -472,8 +527,9 @@ def cli(device: str, quick: bool, backbones: tuple[str, ...], workdir: Path | No
         fp16_min_cosine: float, workers_min_cosine: float, stop_after: str,
         verbose: bool) -> None:
     """Run every CUDA path of the project once (extract with and without float16 autocast,
-    decode workers and pinned memory, head.train, head.export's parity, infer's provider), time
-    them, and print one table. Exits 1 if a check fails; a missed speed target is reported only.
+    decode workers and pinned memory, head.train, head.export's parity, infer's provider,
+    extract under torchrun with NCCL), time them, and print one table. Exits 1 if a check fails;
+    a missed speed target is reported only.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("torch sees no CUDA device; on a CPU pass --device cpu")

@@ -21,14 +21,30 @@ the rows in flight. One process writes a cache at a time: the writer holds ``.<n
 (`extract.files.exclusive`) before it opens anything. A row whose image has changed since it was
 computed (its sha256 differs) is computed again on resume or on a rerun over a complete cache.
 Schema 1 (before per-row image hashes) is refused with a hint to rebuild.
+
+Shards (an extraction under torchrun, one per rank): rank r writes only its own
+``.<name>.h5.shard-<r>`` beside the cache, holding that file's lock ``..<name>.h5.shard-<r>.lock``.
+A shard has the cache's schema and attributes (``complete`` always false) with every row present
+but only that rank's rows done, and its features chunked by row, so that rows it never writes
+take no space. The cache's writer (rank 0, holding the cache's lock) copies every shard's done
+rows into ``<name>.h5.partial`` and deletes the shard: after all ranks have finished, and at the
+start of every run (with or without torchrun, with any number of processes) for the shards an
+interrupted run left. A shard row counts only if its ``image_sha256`` is still its image's; a
+shard built for something else is refused like the cache, one that cannot be read is deleted.
+The shards' lock files stay, hidden and empty, like the cache's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import glob
+import math
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +52,7 @@ import h5py
 import numpy as np
 
 from extract import UserError, logger
-from extract.files import no_space
+from extract.files import exclusive, no_space
 
 SCHEMA_VERSION = 2
 FEATURE_DTYPE = np.float16
@@ -45,6 +61,8 @@ FEATURE_DTYPE = np.float16
 IDENTITY_FIELDS = ("backbone", "layer", "weights_id", "mean", "std", "input_size",
                    "feature_shape")
 DATASETS = ("keys", "features", "done", "image_sha256")
+# at most this many bytes of feature maps in memory at once while a shard is copied in
+MERGE_BYTES = 64 << 20
 
 
 class CacheError(UserError, ValueError):
@@ -105,6 +123,20 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def shard_path(path: Path, rank: int) -> Path:
+    """The file that rank `rank` of a torchrun extraction writes its rows of the cache `path` to."""
+    return path.with_name(f".{path.name}.shard-{rank}")
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """The shards beside the cache `path`, whichever run left them, in rank order."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.shard-(\d+)")
+    found = [(int(match[1]), shard)
+             for shard in path.parent.glob(f".{glob.escape(path.name)}.shard-*")
+             if (match := name.fullmatch(shard.name))]
+    return [shard for _, shard in sorted(found)]
+
+
 def _open(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
@@ -117,9 +149,54 @@ def _strings(dataset: h5py.Dataset) -> list[str]:
     return [value.decode() for value in dataset[:]]
 
 
+def _create(path: Path, keys: list[str], info: CacheInfo, row_chunks: bool = False) -> h5py.File:
+    """A new file of the schema at `path`, no row done; features contiguous, or (`row_chunks`)
+    stored one row per chunk, so that only the rows written take space."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = h5py.File(path, "w")
+    _write_info(file, info)
+    file.attrs["complete"] = False
+    strings = h5py.string_dtype()
+    file.create_dataset("keys", data=np.array(keys, dtype=object), dtype=strings)
+    file.create_dataset("done", data=np.zeros(len(keys), dtype=np.uint8))
+    file.create_dataset("features", shape=(len(keys), *info.feature_shape), dtype=FEATURE_DTYPE,
+                        chunks=(1, *info.feature_shape) if row_chunks else None)
+    file.create_dataset("image_sha256", shape=(len(keys),), dtype=strings)
+    file.flush()
+    return file
+
+
+def _write_rows(file: h5py.File, path: Path, rows: np.ndarray, features: np.ndarray,
+                digests: np.ndarray) -> None:
+    """Store features (n, C, h, w) and image digests (n,) for the ascending row indices `rows`
+    (n,) of `file` (at `path`), then mark them done."""
+    try:
+        if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice write
+            block = slice(rows[0], rows[-1] + 1)
+        else:
+            block = rows
+        file["features"][block] = features
+        file["image_sha256"][block] = digests
+        file.flush()
+        file["done"][block] = 1  # only once its features are on disk
+        file.flush()
+    except OSError as error:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space" in str(error):
+            raise no_space(path) from None
+        raise
+
+
+def _runs(rows: np.ndarray, longest: int) -> Iterator[np.ndarray]:
+    """The ascending `rows` cut into runs of consecutive rows, each at most `longest` long."""
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
+        for start in range(0, len(run), longest):
+            yield run[start:start + longest]
+
+
 class CacheWriter:
     """Creates, resumes or updates the cache at `path` for `keys` (whose image files have the
-    sha256 `digests`); `write` rows, then `finish`. The caller holds the cache's lock."""
+    sha256 `digests`), taking in what shards beside it hold (`take_shards`); `write` rows, then
+    `finish`. `missing`: the rows still to compute. The caller holds the cache's lock."""
 
     def __init__(self, path: str | Path, keys: list[str], digests: list[str], info: CacheInfo,
                  overwrite: bool = False):
@@ -130,38 +207,37 @@ class CacheWriter:
         self.digests = np.array(digests, dtype=object)
         self.file: h5py.File | None = None
         self.missing = np.zeros(0, dtype=np.int64)
+        self._start(overwrite)
+        try:
+            self.take_shards(discard=overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, overwrite: bool) -> None:
+        """Open the cache to write, with `missing` set (file None: complete and up to date)."""
         if self.path.exists() and not overwrite:
             changed = self._changed_rows(self.path)
             if not len(changed):
                 return
             # copy, so that the complete cache stays in place until its update is complete
             logger.info("%d images of %s have changed since it was built (e.g. %s); "
-                        "computing them again", len(changed), self.path, keys[changed[0]])
+                        "computing them again", len(changed), self.path, self.keys[changed[0]])
             shutil.copyfile(self.path, self.partial)
             self.file = _open(self.partial, "r+")
-            self.file.attrs["dataset_fingerprint"] = info.dataset_fingerprint
+            self.file.attrs["dataset_fingerprint"] = self.info.dataset_fingerprint
             self._mark_to_do(changed)
             return
         if self.partial.exists() and not overwrite:
             self.file = self._resumable_partial()
         if self.file is not None:
-            self.file.attrs["dataset_fingerprint"] = info.dataset_fingerprint
+            self.file.attrs["dataset_fingerprint"] = self.info.dataset_fingerprint
             self.missing = np.flatnonzero(self.file["done"][:] == 0)
             logger.info("resuming %s: %d of %d images left", self.partial, len(self.missing),
-                        len(keys))
+                        len(self.keys))
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.partial, "w")
-        _write_info(self.file, info)
-        self.file.attrs["complete"] = False
-        strings = h5py.string_dtype()
-        self.file.create_dataset("keys", data=np.array(keys, dtype=object), dtype=strings)
-        self.file.create_dataset("done", data=np.zeros(len(keys), dtype=np.uint8))
-        self.file.create_dataset("features", shape=(len(keys), *info.feature_shape),
-                                 dtype=FEATURE_DTYPE)
-        self.file.create_dataset("image_sha256", shape=(len(keys),), dtype=strings)
-        self.file.flush()
-        self.missing = np.arange(len(keys))
+        self.file = _create(self.partial, self.keys, self.info)
+        self.missing = np.arange(len(self.keys))
 
     def _changed_rows(self, path: Path) -> np.ndarray:
         """Rows of a complete cache whose image has changed; refuses one built for other
@@ -218,20 +294,51 @@ class CacheWriter:
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
         """Store features (n, C, h, w) for the ascending row indices `rows` (n,)."""
         assert self.file is not None
+        _write_rows(self.file, self.partial, rows, features, self.digests[rows])
+
+    def take_shards(self, discard: bool = False) -> None:
+        """Copy in every row that a shard beside the cache holds done, for an image unchanged
+        since (the same sha256) and still missing here, then delete the shard; with `discard`,
+        only delete it. Each shard's lock is held meanwhile: a shard still being written (by a
+        live process, here or on another machine) is refused."""
+        shards = shard_paths(self.path)
+        taken = 0
+        for shard in shards:
+            with exclusive(shard):
+                if not discard:
+                    taken += self._take(shard)
+                shard.unlink()  # only once its rows are in the cache (each write is flushed)
+        if taken:
+            assert self.file is not None
+            self.missing = np.flatnonzero(self.file["done"][:] == 0)
+        if shards:
+            logger.info("%s %d images from %d shards (%s); %d of %d images left",
+                        "discarded" if discard else "took", taken, len(shards),
+                        ", ".join(s.name for s in shards), len(self.missing), len(self.keys))
+
+    def _take(self, shard: Path) -> int:
+        """Copy `shard`'s usable rows into the cache; how many it gave."""
         try:
-            if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice write
-                block = slice(rows[0], rows[-1] + 1)
-            else:
-                block = rows
-            self.file["features"][block] = features
-            self.file["image_sha256"][block] = self.digests[rows]
-            self.file.flush()
-            self.file["done"][block] = 1  # only once its features are on disk
-            self.file.flush()
-        except OSError as error:
-            if getattr(error, "errno", None) == errno.ENOSPC or "No space" in str(error):
-                raise no_space(self.partial) from None
-            raise
+            file = h5py.File(shard, "r")
+        except OSError as error:  # killed while its own structure was being written
+            logger.warning("%s is unreadable (%s); deleting it", shard, error)
+            return 0
+        with file:
+            try:
+                _read_info(file, shard)
+            except CacheError as error:  # damaged, or left by an older tll
+                logger.warning("%s; deleting it", error)
+                return 0
+            self._refuse_other(file, shard)
+            if self.file is None:  # the cache is complete and up to date: nothing to take
+                return 0
+            stored = np.array(_strings(file["image_sha256"]), dtype=object)
+            usable = np.flatnonzero((file["done"][:] == 1) & (self.file["done"][:] == 0)
+                                    & (stored == self.digests))
+            longest = max(1, MERGE_BYTES // (math.prod(self.info.feature_shape) * 2))
+            for run in _runs(usable, longest):
+                self.write(run, file["features"][run[0]:run[-1] + 1])  # (n, C, h, w)
+            return len(usable)
 
     def finish(self) -> Path:
         """Check every row is done, mark the file complete, read it back whole and only then
@@ -255,6 +362,35 @@ class CacheWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+class ShardWriter:
+    """Rank `rank`'s rows of the cache `path` (for `keys`, whose image files have the sha256
+    `digests`), in a new shard (`shard_path`) whose lock it holds from start to `close`; use it
+    in a `with` block. Rank 0's `CacheWriter.take_shards` copies the rows into the cache."""
+
+    def __init__(self, path: str | Path, rank: int, keys: list[str], digests: list[str],
+                 info: CacheInfo):
+        self.path = shard_path(Path(path), rank)
+        self.digests = np.array(digests, dtype=object)
+        with contextlib.ExitStack() as held:
+            held.enter_context(exclusive(self.path))
+            self.file = _create(self.path, keys, info, row_chunks=True)
+            self._held = held.pop_all()  # the lock, until `close`
+
+    def write(self, rows: np.ndarray, features: np.ndarray) -> None:
+        """Store features (n, C, h, w) for the ascending row indices `rows` (n,)."""
+        _write_rows(self.file, self.path, rows, features, self.digests[rows])
+
+    def close(self) -> None:
+        self.file.close()
+        self._held.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
 
 
 def read_info(path: str | Path) -> CacheInfo:

@@ -15,7 +15,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.sh"
-CHECKS = ("extract", "fp16 agreement", "decode workers", "head.train", "head.export", "infer")
+CHECKS = ("extract", "fp16 agreement", "decode workers", "head.train", "head.export", "infer",
+          "torchrun")
 FLOAT16_CHECKS = ("fp16 agreement",)  # extract uses autocast only on CUDA
 
 
