@@ -35,7 +35,7 @@ from head.train import (
 )
 
 METHODS = [("none", None), ("hungarian", None)] + [("sinkhorn", t)
-                                                   for t in (0.02, 0.05, 0.1, 0.2)]
+                                                   for t in (0.05, 0.1, 0.2, 0.5, 1.0)]
 
 
 def label(method: str, temperature: float | None) -> str:

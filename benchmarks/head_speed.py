@@ -42,7 +42,7 @@ TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its 
 
 
 def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> Fold:
-    """A Fold of these training pairs (rows of `features`) and no validation."""
+    """A Fold of these training pairs (rows of `features` (N, V, C, h, w)), no validation."""
     return Fold(
         features=features, train_left=torch.as_tensor(left, dtype=torch.long),
         train_right=torch.as_tensor(right, dtype=torch.long),
@@ -66,7 +66,7 @@ def real_split(cache: Path, data: Path | None) -> tuple[Fold, str] | None:
 
 def synthetic_split(shape: tuple[int, int, int]) -> tuple[Fold, str]:
     generator = torch.Generator().manual_seed(0)
-    features = torch.rand(2 * PAIRS, *shape, generator=generator).to(torch.float16)  # post-ReLU
+    features = torch.rand(2 * PAIRS, 1, *shape, generator=generator).to(torch.float16)  # ReLU-like
     return split_from(features, np.arange(PAIRS), np.arange(PAIRS, 2 * PAIRS)), "random"
 
 
@@ -162,8 +162,8 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
     shape = SHAPES[backbone]
     loaded = real_split(cache, data) if cache else None
     split, label = loaded or synthetic_split(shape)
-    if tuple(split.features.shape[1:]) != shape:
-        raise click.ClickException(f"{cache} holds {tuple(split.features.shape[1:])} maps, "
+    if tuple(split.features.shape[2:]) != shape:
+        raise click.ClickException(f"{cache} holds {tuple(split.features.shape[2:])} maps, "
                                    f"not {backbone}'s {shape} at 245 x 200")
     config = TrainConfig(cache=str(cache or "synthetic"), name="bench")  # the defaults
     steps = math.ceil(PAIRS / config.batch_size)

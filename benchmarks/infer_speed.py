@@ -51,11 +51,11 @@ def make_run(backbone: str, data: Path, scratch: Path) -> Path:
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version="-")
     keys = dataset.keys()
-    writer = CacheWriter(scratch / f"{backbone}.h5", keys, info)
+    writer = CacheWriter(scratch / f"{backbone}.h5", keys, dataset.digests(), info)
     try:
         rng = np.random.default_rng(0)
         writer.write(np.arange(len(keys)),
-                     rng.random((len(keys), *info.feature_shape), dtype=np.float32))
+                     rng.random((len(keys), 1, *info.feature_shape), dtype=np.float32))
         cache = writer.finish()
     finally:
         writer.close()

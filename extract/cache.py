@@ -1,18 +1,23 @@
 """The feature cache: one HDF5 file per (backbone, layer, weights, input size, dataset).
 This is the only module that imports h5py.
 
-Schema (version 2)::
+Schema (version 3)::
 
-    /keys          (N,)          utf-8 str   "split/side/id" of every image, sorted: the row order
-    /features      (N, C, h, w)  float16     the trunk's feature map of each image, contiguous
-                                             (fast fancy-index and slice reads)
-    /done          (N,)          uint8       1 once a row's features are written (resume)
-    /image_sha256  (N,)          utf-8 str   sha256 of the image file each row was computed from
+    /keys            (N,)          utf-8 str  "split/side/id" of every image, sorted: row order
+    /features        (N, C, h, w)  float16    the trunk's feature map of each image, contiguous
+                                              (fast fancy-index and slice reads)
+    /features_hflip  (N, C, h, w)  float16    only in a two-view cache (`extract --hflip`): the
+                                              map of each image flipped left to right
+    /done            (N,)          uint8      1 once a row's features are written (resume)
+    /image_sha256    (N,)          utf-8 str  sha256 of the image file each row was computed from
 
     attributes: schema_version, backbone, layer, weights ("imagenet" | "none" | an absolute path),
     weights_id (enum name, random-init seed, or sha256 of the file), mean, std (3,),
-    input_size (H, W), feature_shape (C, h, w), dtype, torch_version, torchvision_version,
-    dataset (absolute path), dataset_fingerprint (sha256 of keys and image contents), complete.
+    input_size (H, W), feature_shape (C, h, w), views ("identity" [, "hflip"]), dtype,
+    torch_version, torchvision_version, dataset (absolute path), dataset_fingerprint (sha256 of
+    keys and image contents), complete.
+
+Version 2 is version 3 without views: it reads as a one-view cache (views ("identity",)).
 
 A cache in progress lives at ``<name>.h5.partial``; it is renamed to ``<name>.h5`` only once every
 row is done, ``complete`` is set and the closed file reads back whole, so a file under the final
@@ -54,12 +59,15 @@ import numpy as np
 from extract import UserError, logger
 from extract.files import exclusive, no_space
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, 3)
 FEATURE_DTYPE = np.float16
+# each view of the images a cache can hold, and the dataset that holds its maps
+VIEW_DATASETS = {"identity": "features", "hflip": "features_hflip"}
 # what makes two caches interchangeable apart from the images' contents, which are compared
 # row by row (image_sha256); a resume or a reuse must match all of them
 IDENTITY_FIELDS = ("backbone", "layer", "weights_id", "mean", "std", "input_size",
-                   "feature_shape")
+                   "feature_shape", "views")
 DATASETS = ("keys", "features", "done", "image_sha256")
 # at most this many bytes of feature maps in memory at once while a shard is copied in
 MERGE_BYTES = 64 << 20
@@ -83,6 +91,7 @@ class CacheInfo:
     dataset_fingerprint: str
     torch_version: str
     torchvision_version: str
+    views: tuple[str, ...] = ("identity",)  # the image as it is [, flipped left to right]
     dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
 
@@ -100,19 +109,24 @@ def _write_info(file: h5py.File, info: CacheInfo) -> None:
 def _read_info(file: h5py.File, path: Path) -> CacheInfo:
     attrs = file.attrs
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise CacheError(f"{path}: cache schema version {version}, this tll reads "
-                         f"{SCHEMA_VERSION}; rebuild it with `python -m extract ... --overwrite`")
-    missing = [f.name for f in dataclasses.fields(CacheInfo) if f.name not in attrs]
-    missing += [name for name in DATASETS if name not in file]
-    if missing:
-        raise CacheError(f"{path} is damaged (it lacks {', '.join(missing)}); rebuild it with "
+                         f"{', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with "
                          "`python -m extract ... --overwrite`")
+    defaults = {"views": ["identity"]} if version == 2 else {}
+    missing = [f.name for f in dataclasses.fields(CacheInfo)
+               if f.name not in attrs and f.name not in defaults]
+    views = tuple(attrs.get("views", defaults.get("views", ())))
+    missing += [name for name in (*DATASETS, *(VIEW_DATASETS.get(v, v) for v in views))
+                if name not in file]
+    if missing:
+        raise CacheError(f"{path} is damaged (it lacks {', '.join(dict.fromkeys(missing))}); "
+                         "rebuild it with `python -m extract ... --overwrite`")
     values = {}
     for field in dataclasses.fields(CacheInfo):
-        value = attrs[field.name]
-        if isinstance(value, np.ndarray):
-            value = tuple(value.tolist())
+        value = attrs[field.name] if field.name in attrs else defaults[field.name]
+        if isinstance(value, np.ndarray | list):
+            value = tuple(value.tolist() if isinstance(value, np.ndarray) else value)
         elif isinstance(value, np.generic):
             value = value.item()
         values[field.name] = value
@@ -159,23 +173,31 @@ def _create(path: Path, keys: list[str], info: CacheInfo, row_chunks: bool = Fal
     strings = h5py.string_dtype()
     file.create_dataset("keys", data=np.array(keys, dtype=object), dtype=strings)
     file.create_dataset("done", data=np.zeros(len(keys), dtype=np.uint8))
-    file.create_dataset("features", shape=(len(keys), *info.feature_shape), dtype=FEATURE_DTYPE,
-                        chunks=(1, *info.feature_shape) if row_chunks else None)
+    for view in info.views:
+        file.create_dataset(VIEW_DATASETS[view], shape=(len(keys), *info.feature_shape),
+                            dtype=FEATURE_DTYPE,
+                            chunks=(1, *info.feature_shape) if row_chunks else None)
     file.create_dataset("image_sha256", shape=(len(keys),), dtype=strings)
     file.flush()
     return file
 
 
+def _view_names(file: h5py.File) -> list[str]:
+    """The datasets of the file's views, in the order of its `views`."""
+    return [VIEW_DATASETS[view] for view in file.attrs.get("views", ["identity"])]
+
+
 def _write_rows(file: h5py.File, path: Path, rows: np.ndarray, features: np.ndarray,
                 digests: np.ndarray) -> None:
-    """Store features (n, C, h, w) and image digests (n,) for the ascending row indices `rows`
-    (n,) of `file` (at `path`), then mark them done."""
+    """Store features (n, V, C, h, w) (one map per view) and image digests (n,) for the
+    ascending row indices `rows` (n,) of `file` (at `path`), then mark them done."""
     try:
         if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice write
             block = slice(rows[0], rows[-1] + 1)
         else:
             block = rows
-        file["features"][block] = features
+        for view, name in enumerate(_view_names(file)):
+            file[name][block] = features[:, view]
         file["image_sha256"][block] = digests
         file.flush()
         file["done"][block] = 1  # only once its features are on disk
@@ -292,7 +314,8 @@ class CacheWriter:
         self.missing = np.flatnonzero(self.file["done"][:] == 0)
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store features (n, C, h, w) for the ascending row indices `rows` (n,)."""
+        """Store features (n, V, C, h, w), a map per view, for the ascending row indices
+        `rows` (n,)."""
         assert self.file is not None
         _write_rows(self.file, self.partial, rows, features, self.digests[rows])
 
@@ -335,9 +358,11 @@ class CacheWriter:
             stored = np.array(_strings(file["image_sha256"]), dtype=object)
             usable = np.flatnonzero((file["done"][:] == 1) & (self.file["done"][:] == 0)
                                     & (stored == self.digests))
-            longest = max(1, MERGE_BYTES // (math.prod(self.info.feature_shape) * 2))
-            for run in _runs(usable, longest):
-                self.write(run, file["features"][run[0]:run[-1] + 1])  # (n, C, h, w)
+            row_bytes = math.prod(self.info.feature_shape) * 2 * len(self.info.views)
+            for run in _runs(usable, max(1, MERGE_BYTES // row_bytes)):
+                block = slice(run[0], run[-1] + 1)
+                self.write(run, np.stack([file[name][block] for name in _view_names(file)],
+                                         axis=1))  # (n, V, C, h, w)
             return len(usable)
 
     def finish(self) -> Path:
@@ -352,9 +377,10 @@ class CacheWriter:
             self.file = None
             with _open_complete(self.partial, check_name=False) as file:
                 _read_info(file, self.partial)
-                if file["features"].shape != (len(self.keys), *self.info.feature_shape):
-                    raise CacheError(f"{self.partial} reads back with features of shape "
-                                     f"{file['features'].shape}; not moved to {self.path}")
+                for name in _view_names(file):
+                    if file[name].shape != (len(self.keys), *self.info.feature_shape):
+                        raise CacheError(f"{self.partial} reads back with {name} of shape "
+                                         f"{file[name].shape}; not moved to {self.path}")
             os.replace(self.partial, self.path)
         return self.path
 
@@ -379,7 +405,8 @@ class ShardWriter:
             self._held = held.pop_all()  # the lock, until `close`
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store features (n, C, h, w) for the ascending row indices `rows` (n,)."""
+        """Store features (n, V, C, h, w), a map per view, for the ascending row indices
+        `rows` (n,)."""
         _write_rows(self.file, self.path, rows, features, self.digests[rows])
 
     def close(self) -> None:
@@ -421,13 +448,19 @@ def _refuse_missing(path: Path, keys: list[str], rows: dict) -> None:
                          f"(e.g. {', '.join(missing[:3])}); was it built from this dataset?")
 
 
-def read_features(path: str | Path, keys: list[str]) -> np.ndarray:
-    """Feature maps (len(keys), C, h, w) float16 for `keys`, in their order."""
+def read_features(path: str | Path, keys: list[str], view: str = "identity") -> np.ndarray:
+    """Feature maps (len(keys), C, h, w) float16 for `keys`, in their order, of `view` (the
+    image as it is, or "hflip": flipped left to right, in a two-view cache)."""
     path = Path(path)
     with _open_complete(path) as file:
+        if view not in file.attrs.get("views", ["identity"]):
+            raise CacheError(f"{path} holds no {view!r} view (it holds "
+                             f"{', '.join(file.attrs.get('views', ['identity']))}); extract "
+                             "with --hflip for flipped views")
+        dataset = file[VIEW_DATASETS[view]]
         row_of = {k: i for i, k in enumerate(_strings(file["keys"]))}
         _refuse_missing(path, keys, row_of)
-        features = np.empty((len(keys), *file["features"].shape[1:]), dtype=FEATURE_DTYPE)
+        features = np.empty((len(keys), *dataset.shape[1:]), dtype=FEATURE_DTYPE)
         if not keys:
             return features
         rows = np.array([row_of[k] for k in keys], dtype=np.int64)
@@ -438,7 +471,7 @@ def read_features(path: str | Path, keys: list[str]) -> np.ndarray:
         try:
             for run in np.split(np.arange(len(sorted_rows)), breaks):
                 first, last = sorted_rows[run[0]], sorted_rows[run[-1]]
-                features[order[run]] = file["features"][first:last + 1]
+                features[order[run]] = dataset[first:last + 1]
         except OSError as error:  # a file truncated or damaged after it was finished
             raise CacheError(f"{path} is damaged ({error}); rebuild it with "
                              "`python -m extract ... --overwrite`") from None

@@ -38,10 +38,15 @@ from extract.torchrun import Ranks, agree, process_group, share, together
 DEFAULT_CACHE_DIR = Path("cache")
 
 
-def default_cache_path(spec: TrunkSpec, input_size: tuple[int, int]) -> Path:
+def default_cache_path(spec: TrunkSpec, input_size: tuple[int, int], hflip: bool = False) -> Path:
     weights = spec.weights if spec.weights in ("imagenet", "none") else Path(spec.weights).stem
     size = "" if tuple(input_size) == DEFAULT_INPUT_SIZE else f"-{input_size[0]}x{input_size[1]}"
-    return DEFAULT_CACHE_DIR / f"{spec.backbone}-{spec.layer}-{weights}{size}.h5"
+    views = "-hflip" if hflip else ""
+    return DEFAULT_CACHE_DIR / f"{spec.backbone}-{spec.layer}-{weights}{size}{views}.h5"
+
+
+def views_of(hflip: bool) -> tuple[str, ...]:
+    return ("identity", "hflip") if hflip else ("identity",)
 
 
 def default_workers(device: torch.device, processes_here: int = 1) -> int:
@@ -91,19 +96,21 @@ def main(
     batch_size: int = 32,
     workers: int | None = None,
     amp: bool = True,
+    hflip: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Extract (or finish extracting, or update) the cache and return its path. Under torchrun
-    every process calls this, and each computes its share of the blocks."""
+    """Extract (or finish extracting, or update) the cache and return its path; with `hflip`
+    also every image's map flipped left to right (a two-view cache). Under torchrun every
+    process calls this, and each computes its share of the blocks."""
     torch_device = resolve_device(device)
     ranks = Ranks.from_environment()
     if ranks is not None:
         return _main_ranked(ranks, torch_device, backbone, data, out, layer, weights,
-                            tuple(input_size), batch_size, workers, amp, overwrite)
-    dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size)
+                            tuple(input_size), batch_size, workers, amp, hflip, overwrite)
+    dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size, hflip)
     workers = default_workers(torch_device) if workers is None else workers
     keys = dataset.keys()
-    info = _cache_info(dataset, spec, trunk, input_size)
+    info = _cache_info(dataset, spec, trunk, input_size, hflip)
     _log_start(info, len(keys), out)
     # everything so far only read; from here on the cache is written, by one process at a time
     with exclusive(out):
@@ -120,30 +127,34 @@ def main(
 
 
 def _prepare(backbone: str, data: str | Path, out: str | Path | None, layer: str | None,
-             weights: str, input_size: tuple[int, int]) -> tuple[Dataset, TrunkSpec, Path, Trunk]:
+             weights: str, input_size: tuple[int, int],
+             hflip: bool) -> tuple[Dataset, TrunkSpec, Path, Trunk]:
     """Read and check what the extraction reads, before anything is written: the dataset, the
     trunk, and where the cache goes."""
     dataset = read_dataset(data)
     spec = TrunkSpec.resolve(backbone, layer, weights)
-    out = Path(out) if out else default_cache_path(spec, input_size)
+    out = Path(out) if out else default_cache_path(spec, input_size, hflip)
     check_output(out, "cache", inputs=dataset.files())
     return dataset, spec, out, Trunk(spec)
 
 
 def _cache_info(dataset: Dataset, spec: TrunkSpec, trunk: Trunk,
-                input_size: tuple[int, int]) -> CacheInfo:
+                input_size: tuple[int, int], hflip: bool) -> CacheInfo:
     return CacheInfo(
         backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
         weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
         input_size=tuple(input_size), feature_shape=trunk.output_shape(input_size),
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
+        views=views_of(hflip),
     )
 
 
 def _log_start(info: CacheInfo, images: int, out: Path) -> None:
-    logger.info("extract %s (%s, weights %s) of %d images -> %s, feature map %s",
-                info.backbone, info.layer, info.weights_id, images, out, info.feature_shape)
+    logger.info("extract %s (%s, weights %s) of %d images%s -> %s, feature map %s",
+                info.backbone, info.layer, info.weights_id, images,
+                " and their left-right flips" if "hflip" in info.views else "", out,
+                info.feature_shape)
 
 
 def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple[int, int],
@@ -151,16 +162,18 @@ def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple
     blocks = blocks_to_do(len(paths), batch_size, writer.missing)
     with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
               dynamic_ncols=True) as bar:
-        for rows, features in _computed(trunk, paths, blocks, input_size, device, workers, amp):
+        for rows, features in _computed(trunk, paths, blocks, input_size, device, workers, amp,
+                                        writer.info.views):
             writer.write(rows, features)
             bar.update(len(rows))
 
 
 def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray],
               input_size: tuple[int, int], device: torch.device, workers: int,
-              amp: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows (B,), features (B, C, h, w) float16) of each block in turn, the trunk run on
-    `device`; the next blocks are decoded in `workers` processes meanwhile (or inline if 0)."""
+              amp: bool, views: tuple[str, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows (B,), features (B, V, C, h, w) float16: a map per view) of each block in turn, the
+    trunk run on `device`; the next blocks are decoded in `workers` processes meanwhile (or
+    inline if 0)."""
     loader = DataLoader(_Blocks(paths, blocks, input_size), batch_size=None, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
@@ -172,7 +185,8 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray],
             memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                     enabled=amp and device.type == "cuda"):
-            features = trunk(images)  # (B, C, h, w)
+            features = torch.stack([trunk(images.flip(-1) if view == "hflip" else images)
+                                    for view in views], dim=1)  # (B, V, C, h, w)
         # the DataLoader hands the row indices back as a tensor; the cache takes numpy
         yield np.asarray(rows), features.to(torch.float16).cpu().numpy()
 
@@ -180,15 +194,16 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray],
 def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | Path,
                  out: str | Path | None, layer: str | None, weights: str,
                  input_size: tuple[int, int], batch_size: int, workers: int | None, amp: bool,
-                 overwrite: bool) -> Path:
+                 hflip: bool, overwrite: bool) -> Path:
     """`main` on one of torchrun's processes."""
     with process_group(ranks, device) as device, contextlib.ExitStack() as held:
         plan = None
         with together():  # every rank reads its input; rank 0 also opens the cache
-            dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size)
+            dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size,
+                                                 hflip)
             if ranks.master:
                 keys = dataset.keys()
-                info = _cache_info(dataset, spec, trunk, input_size)
+                info = _cache_info(dataset, spec, trunk, input_size, hflip)
                 _log_start(info, len(keys), out)
                 held.enter_context(exclusive(out))
                 # it takes in the shards an interrupted run left, before any rank starts its own
@@ -223,7 +238,7 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
     together if one of them failed."""
     keys = dataset.keys()
     mine = _computed(trunk, [dataset.images[k] for k in keys], todo[ranks.rank::ranks.world],
-                     input_size, device, workers, amp)
+                     input_size, device, workers, amp, info.views)
     with contextlib.ExitStack() as held:
         with together():
             shard = held.enter_context(ShardWriter(out, ranks.rank, keys, digests, info))
@@ -247,7 +262,7 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
 @click.option("--data", type=UserPath(), default=Path("data"),
               help="Dataset folder in the Kaggle layout (train.csv, test_candidates.csv, ...).")
 @click.option("--out", type=UserPath(), default=None,
-              help="Cache file [default: cache/<backbone>-<layer>-<weights>.h5].")
+              help="Cache file [default: cache/<backbone>-<layer>-<weights>[-HxW][-hflip].h5].")
 @click.option("--layer", default=None,
               help="Graph node to cut at [default: features for vgg16, layer4 for resnet50; "
                    "e.g. features.29 is vgg16's conv5_3 before its last max-pool].")
@@ -263,6 +278,9 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
               help="DataLoader processes that decode images [default: 0 on CPU, up to 8 on "
                    "CUDA].")
 @click.option("--amp/--no-amp", default=True, help="float16 autocast on CUDA.")
+@click.option("--hflip", is_flag=True,
+              help="Also store every image's map flipped left to right (a two-view cache: "
+                   "head.train draws a view per step and averages both at validation).")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache even if one exists.")
 def cli(**options) -> None:
     """Run a frozen VGG16/ResNet50 trunk over every image and store its feature maps in an

@@ -40,7 +40,7 @@ def build_network(checkpoint_path: Path, weights: str | Path | None = None
     if tuple(shape) != tuple(cache["feature_shape"]):
         raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but the "
                         f"head was trained on {tuple(cache['feature_shape'])}")
-    return TLLNet([trunk], head).eval(), checkpoint
+    return TLLNet([trunk], head, tuple(checkpoint["views"])).eval(), checkpoint
 
 
 def describe(checkpoint: dict) -> dict[str, str]:
@@ -54,6 +54,7 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "weights_id": cache["weights_id"],
         "input_size": json.dumps(list(cache["input_size"])),  # [H, W]
         "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
+        "views": json.dumps(checkpoint["views"]),  # averaged inside the graph
         "head_config": json.dumps(checkpoint["head_config"]),
         "dataset_fingerprint": cache["dataset_fingerprint"],
         # after cross-validation the final head saw every pair: no split to score it on

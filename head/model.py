@@ -26,10 +26,10 @@ from torch import nn
 from extract import UserError
 
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 2  # 2: features layer, dropout
-# every format this code still loads: a format-1 checkpoint is a format-2 one without a features
-# layer or dropout (the same modules, the same state-dict keys)
-READABLE_CHECKPOINTS = (1, 2)
+CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views the head was trained on
+# every format this code still loads: format 1 is format 2 without a features layer or dropout
+# (the same modules, the same state-dict keys), format 2 is format 3 on one view
+READABLE_CHECKPOINTS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -132,15 +132,26 @@ class Head(nn.Module):
 
 
 class TLLNet(nn.Module):
-    """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm."""
+    """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm. With
+    views ("identity", "hflip") the image and its left-right flip are embedded and their mean,
+    normalised again, is the embedding: the test-time augmentation head.train validates with."""
 
-    def __init__(self, trunks: list[nn.Module], head: Head):
+    def __init__(self, trunks: list[nn.Module], head: Head,
+                 views: tuple[str, ...] = ("identity",)):
         super().__init__()
+        if set(views) - {"identity", "hflip"} or "identity" not in views:
+            raise ValueError(f"unknown views {views}; the image as it is must be one of them")
         self.trunks = nn.ModuleList(trunks)
         self.head = head
+        self.views = tuple(views)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(*[trunk(image) for trunk in self.trunks])
+        embeddings = [self.head(*[trunk(image.flip(-1) if view == "hflip" else image)
+                                  for trunk in self.trunks])
+                      for view in self.views]  # V x (N, D)
+        if len(embeddings) == 1:
+            return embeddings[0]
+        return F.normalize(torch.stack(embeddings).mean(dim=0), dim=1)  # (N, D)
 
 
 def save_checkpoint(path: Path, head: Head, **description) -> None:
@@ -170,4 +181,5 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
         head.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}); {retrain}") from None
+    checkpoint.setdefault("views", ["identity"])
     return head.eval(), checkpoint

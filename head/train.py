@@ -77,6 +77,7 @@ class TrainConfig:
     loss: str = "triplet"
     negatives: str = "all"  # the triplet loss's
     temperature: float = 0.07  # InfoNCE's
+    flip: bool = True  # train on the cache's flipped views too, where it has them
     assign: str = DEFAULT_ASSIGN
     assign_temperature: float = DEFAULT_TEMPERATURE
     val_fraction: float = 0.1  # used without --folds
@@ -91,16 +92,17 @@ class CachedPairs:
     """Every train image's feature map in memory, once per process (a sweep's trials and folds
     share it), and where each image's row is."""
 
-    features: torch.Tensor  # (N, C, h, w) float16, every train image once, on the device
+    features: torch.Tensor  # (N, V, C, h, w) float16, every train image's V views, on the device
     row: dict[str, int]  # key -> row of `features`
     dataset: Dataset
+    views: tuple[str, ...]  # what the V views are: ("identity",) or ("identity", "hflip")
 
 
 @dataclass
 class Fold:
     """One way of holding out validation pairs: training pairs and queries as row indices."""
 
-    features: torch.Tensor  # (N, C, h, w) float16: CachedPairs.features, shared, not copied
+    features: torch.Tensor  # (N, V, C, h, w) float16: CachedPairs.features, shared, not copied
     train_left: torch.Tensor  # (P,) rows of each training pair's left
     train_right: torch.Tensor  # (P,) rows of its right
     val_images: torch.Tensor  # (M,) rows of every image the validation queries use
@@ -111,7 +113,8 @@ class Fold:
 
 def load_pairs(cache: Path, info: CacheInfo, dataset_path: Path | None,
                device: torch.device) -> CachedPairs:
-    """The train images' features, checked to be of these very images (their sha256)."""
+    """The train images' features in every view the cache holds, checked to be of these very
+    images (their sha256)."""
     dataset = read_dataset(dataset_path or info.dataset)
     keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
                   | {f"train/right/{right}" for _, right in dataset.train_pairs})
@@ -123,8 +126,10 @@ def load_pairs(cache: Path, info: CacheInfo, dataset_path: Path | None,
                         f"{len(changed)} of its {len(keys)} train images differ (e.g. "
                         f"{changed[0]}); another dataset, or images changed since: rerun "
                         "`python -m extract` on this dataset")
-    features = torch.from_numpy(read_features(cache, keys)).to(device)
-    return CachedPairs(features, {key: i for i, key in enumerate(keys)}, dataset)
+    features = torch.from_numpy(np.stack([read_features(cache, keys, view)
+                                          for view in info.views], axis=1))  # (N, V, C, h, w)
+    return CachedPairs(features.to(device), {key: i for i, key in enumerate(keys)}, dataset,
+                       info.views)
 
 
 def make_fold(pairs: CachedPairs, train_pairs: list[tuple[str, str]],
@@ -199,15 +204,28 @@ def summarize(records: list[dict[str, float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Unit embeddings (len(rows), D) of `rows` of features (N, V, C, h, w): with several views
+    the mean of each view's embedding, normalised again (test-time augmentation, as the
+    exported model does it)."""
     head.eval()
-    out = [head(features[rows[i:i + batch_size]].float())
-           for i in range(0, len(rows), batch_size)]  # each (b, D)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        block = features[rows[i:i + batch_size]].float()  # (b, V, C, h, w)
+        views = torch.stack([head(block[:, v]) for v in range(block.shape[1])])  # (V, b, D)
+        out.append(torch.nn.functional.normalize(views.mean(dim=0), dim=1))  # (b, D)
     return torch.cat(out).cpu().numpy()
+
+
+def views_used(fold: Fold, config: TrainConfig) -> Fold:
+    """The fold with the views `config` trains on: all the cache has, or (flip off) the first,
+    the images as they are (a view of the tensor, not a copy)."""
+    return fold if config.flip else dataclasses.replace(fold, features=fold.features[:, :1])
 
 
 def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
     """The trunk alone: global-average-pooled feature maps compared by cosine."""
-    pooled = fold.features[fold.val_images].float().mean(dim=(2, 3))  # (M, C)
+    fold = views_used(fold, config)
+    pooled = fold.features[fold.val_images].float().mean(dim=(1, 3, 4))  # (M, C), all views
     return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), fold,
                     config.assign, config.assign_temperature)
 
@@ -219,7 +237,8 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     Refuses an epoch that diverges, or ends with every embedding in one point (the head has
     collapsed: the loss then sits at the margin and nothing can move it again)."""
     head.train()
-    order = torch.randperm(len(fold.train_left), generator=generator).to(fold.features.device)
+    device, views = fold.features.device, fold.features.shape[1]
+    order = torch.randperm(len(fold.train_left), generator=generator).to(device)
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     batches = [b for b in batches if len(b) > 1]  # a lone pair has no in-batch negative
     if not batches:
@@ -229,8 +248,12 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not progress)
     for number, batch in enumerate(bar, start=1):
-        anchors = head(fold.features[fold.train_left[batch]].float())  # (B, D)
-        positives = head(fold.features[fold.train_right[batch]].float())  # (B, D)
+        left_view, right_view = 0, 0
+        if views > 1:  # each image in a view of its own, drawn anew at every step
+            left_view, right_view = torch.randint(views, (2, len(batch)),
+                                                  generator=generator).to(device)  # (2, B)
+        anchors = head(fold.features[fold.train_left[batch], left_view].float())  # (B, D)
+        positives = head(fold.features[fold.train_right[batch], right_view].float())  # (B, D)
         if config.loss == "infonce":
             loss = info_nce_loss(anchors, positives, config.temperature)
         else:
@@ -262,7 +285,7 @@ class Trainer:
 
     def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
                  progress: bool = True):
-        self.fold, self.config, self.progress = fold, config, progress
+        self.fold, self.config, self.progress = views_used(fold, config), config, progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.head = Head(head_config).to(fold.features.device)
@@ -366,7 +389,12 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
         logger.info("frozen trunk (pooled, cosine), %s:%s", _validated_on(folds),
                     "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
     head_config = head_config_for(info, config)
-    description = dict(cache=asdict(info), train_config=asdict(config), baseline=baseline)
+    views = pairs.views if config.flip else ("identity",)
+    if len(views) > 1:
+        logger.info("views: %s (one drawn per image at each step; validation averages them)",
+                    ", ".join(views))
+    description = dict(cache=asdict(info), train_config=asdict(config), baseline=baseline,
+                       views=list(views))
 
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
         def log_epoch(number: int, record: dict) -> None:
@@ -564,6 +592,9 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
                    "ones.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
               default=_defaults["temperature"], help="InfoNCE's temperature.")
+@click.option("--flip/--no-flip", default=_defaults["flip"],
+              help="With a two-view cache (extract --hflip): draw an image's flipped view half "
+                   "the time, and average both at validation and in the exported model.")
 @click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=_defaults["assign"],
               help="One-to-one assignment that validation also reports and that picks the "
                    "kept epoch; recorded in the exported model as infer's default.")

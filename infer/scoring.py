@@ -17,7 +17,8 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 ASSIGN_METHODS = ("none", "sinkhorn", "hungarian")
 DEFAULT_ASSIGN = "none"  # `python -m infer --assign`; used only where the pool is one-to-one
-DEFAULT_TEMPERATURE = 0.05  # Sinkhorn's; cosine scores span [-1, 1]
+# Sinkhorn's, in units of the scores' standard deviation (see `assign`)
+DEFAULT_TEMPERATURE = 0.05
 # The largest |log row sum| accepted (columns are exact after each step). On a 2,000-query pool
 # every query's top 2 came out as at 1e-6, in half the iterations.
 SINKHORN_TOLERANCE = 1e-4
@@ -71,9 +72,14 @@ def assign(scores: np.ndarray, candidates: np.ndarray, method: str = DEFAULT_ASS
     scores (Q, K) each query's similarity to its candidates; candidates (Q, K) integer ids of
     those images (any ids: the pool is the set of distinct ids). `method`:
     none: `scores` unchanged.
-    sinkhorn: log-probabilities of the balanced assignment: exp(scores / temperature) over each
-        query's own candidates, rows and columns alternately normalised until every row and every
-        image sums to 1.
+    sinkhorn: log-probabilities of the balanced assignment: exp(scores / (temperature * sigma))
+        over each query's own candidates, rows and columns alternately normalised until every
+        row and every image sums to 1. sigma is the standard deviation of all of `scores`: the
+        temperature is relative to their spread, so one setting serves a trained head, whose
+        cosines spread widely, and frozen trunk features, whose cosines all sit near 1 (there a
+        fixed temperature of 0.05 leaves the kernel nearly flat, and how many queries share
+        each image, not the scores, decides the ranking: random-init ResNet50's frozen top-2
+        fell from 0.26 to 0.15).
     hungarian: the best one-to-one assignment (maximum total score); each query's assigned
         candidate is lifted above its others (row maximum + 1), which keep their plain scores
         and order, so top-2 still has a second choice.
@@ -94,7 +100,8 @@ def assign(scores: np.ndarray, candidates: np.ndarray, method: str = DEFAULT_ASS
     if method == "sinkhorn":
         if not temperature > 0:
             raise ValueError(f"the Sinkhorn temperature must be positive, got {temperature}")
-        return _sinkhorn(scores / temperature, columns, len(pool))
+        spread = float(scores.std()) or 1.0  # all scores equal: any scale gives a flat kernel
+        return _sinkhorn(scores / (temperature * spread), columns, len(pool))
     return _hungarian(scores, columns, len(pool))
 
 

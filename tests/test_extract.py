@@ -132,7 +132,8 @@ def test_cache_schema_and_contents(
     complete = attrs.pop("complete")
     assert isinstance(complete, bool | np.bool_) and complete
     expected = {
-        "schema_version": 2,
+        "schema_version": 3,
+        "views": ["identity"],
         "backbone": backbone,
         "layer": DEFAULT_LAYER[backbone],
         "weights": "none",
@@ -618,7 +619,7 @@ def test_rows_written_out_of_order_read_back(caches: dict[str, Path], tmp_path: 
     out = tmp_path / "x.h5"
     writer = CacheWriter(out, keys, read_image_digests(caches["resnet50"], keys), info)
     for rows in (np.arange(1, len(keys), 2), np.arange(0, len(keys), 2)):  # odd rows, then even
-        writer.write(rows, expected[rows])
+        writer.write(rows, expected[rows, None])  # (n, 1 view, C, h, w)
     assert writer.finish() == out
     assert read_features(out, keys).tobytes() == expected.tobytes()
 
@@ -630,7 +631,7 @@ def test_unfinished_cache_is_refused(
     keys = read_keys(caches["resnet50"])
     out = tmp_path / "x.h5"
     writer = CacheWriter(out, keys, read_image_digests(caches["resnet50"], keys), info)
-    writer.write(np.arange(8), np.zeros((8, *info.feature_shape), dtype=np.float16))
+    writer.write(np.arange(8), np.zeros((8, 1, *info.feature_shape), dtype=np.float16))
     with pytest.raises(CacheError, match="missing"):
         writer.finish()
     writer.close()

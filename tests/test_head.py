@@ -445,7 +445,7 @@ def test_refuses_a_cache_without_the_train_images(train_cache: Path, train_data:
     kept = [k for k in keys if k not in dropped]
     cache = tmp_path / "short.h5"
     writer = CacheWriter(cache, kept, read_image_digests(train_cache, kept), read_info(train_cache))
-    writer.write(np.arange(len(kept)), read_features(train_cache, kept))
+    writer.write(np.arange(len(kept)), read_features(train_cache, kept)[:, None])
     writer.finish()
     runs = tmp_path / "runs"
     result = invoke(*train_args(cache, runs, "--data", train_data))

@@ -166,15 +166,20 @@ def test_sinkhorn_is_finite_balanced_and_shift_invariant(pool: str) -> None:
     np.testing.assert_allclose(columns, 1, atol=1e-3)
     np.testing.assert_allclose(assign(scores + 3.7, candidates, "sinkhorn", temperature=0.1),
                                log_p, atol=1e-9)
+    # the temperature is relative to the scores' spread: scaling them changes nothing
+    np.testing.assert_allclose(assign(scores * 0.01, candidates, "sinkhorn", temperature=0.1),
+                               log_p, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.3, 2.0])
 def test_sinkhorn_2x2_closed_form(temperature: float) -> None:
     """A doubly stochastic 2 x 2 is [[p, 1-p], [1-p, p]], and Sinkhorn keeps the kernel's cross
-    ratio, so p / (1-p) = exp(d / 2T) with d = s00 + s11 - s01 - s10."""
+    ratio, so p / (1-p) = exp(d / 2 T sigma) with d = s00 + s11 - s01 - s10 and sigma the
+    scores' standard deviation (0.1920 here)."""
     scores = np.array([[0.7, 0.6], [0.2, 0.5]])
     d = 0.7 + 0.5 - 0.6 - 0.2
-    p = 1 / (1 + np.exp(-d / (2 * temperature)))
+    sigma = np.sqrt(np.mean((scores - 0.5) ** 2))
+    p = 1 / (1 + np.exp(-d / (2 * temperature * sigma)))
     log_p = assign(scores, np.array([[0, 1], [0, 1]]), "sinkhorn", temperature)
     np.testing.assert_allclose(np.exp(log_p), [[p, 1 - p], [1 - p, p]], atol=1e-4)
 

@@ -271,7 +271,7 @@ def test_shard_rows_are_taken_in_unless_their_image_changed(
     for rank in (0, 1, 2):  # a run of 3 processes, each killed after two blocks
         with ShardWriter(out, rank, keys, digests, info) as shard:
             for block in blocks[rank::3][:2]:
-                shard.write(block, features[block])
+                shard.write(block, features[block, None])  # (n, 1 view, C, h, w)
     assert shard_paths(out) == [shard_path(out, r) for r in (0, 1, 2)]
     with h5py.File(shard_path(out, 1), "r") as file:
         assert file["features"].chunks == (1, *info.feature_shape)
@@ -288,7 +288,7 @@ def test_shard_rows_are_taken_in_unless_their_image_changed(
             "..x.h5.shard-0.lock", "..x.h5.shard-1.lock", "..x.h5.shard-2.lock"]
         expected = sorted(set(range(len(keys))) - set(shard_rows.tolist()) | {changed})
         assert writer.missing.tolist() == expected
-        writer.write(np.array(expected), features[expected])
+        writer.write(np.array(expected), features[expected, None])
         assert writer.finish() == out
     finally:
         writer.close()
@@ -302,7 +302,7 @@ def test_a_shard_built_for_something_else_is_refused(
     out = tmp_path / "x.h5"
     other = dataclasses.replace(read_info(reference), layer="layer3")
     with ShardWriter(out, 0, keys, digests, other) as shard:
-        shard.write(np.arange(BATCH), features[:BATCH])
+        shard.write(np.arange(BATCH), features[:BATCH, None])
     with pytest.raises(CacheError, match="layer.*--overwrite"):
         CacheWriter(out, keys, digests, read_info(reference))
     assert shard_paths(out) == [shard_path(out, 0)]  # refused, not deleted
@@ -328,7 +328,7 @@ def test_a_shard_being_written_is_not_touched(
     keys, digests, features = written
     out = tmp_path / "x.h5"
     with ShardWriter(out, 0, keys, digests, read_info(reference)) as shard:
-        shard.write(np.arange(BATCH), features[:BATCH])
+        shard.write(np.arange(BATCH), features[:BATCH, None])
         with pytest.raises(UserError, match="being written by another process"):
             CacheWriter(out, keys, digests, read_info(reference))
     assert shard_paths(out) == [shard_path(out, 0)]
@@ -341,7 +341,7 @@ def test_a_complete_cache_drops_leftover_shards(
     keys, digests, features = written
     out = Path(shutil.copy(reference, tmp_path / "x.h5"))
     with ShardWriter(out, 1, keys, digests, read_info(reference)) as shard:
-        shard.write(np.arange(BATCH), features[:BATCH])
+        shard.write(np.arange(BATCH), features[:BATCH, None])
     before = out.read_bytes()
     writer = CacheWriter(out, keys, digests, read_info(reference))
     assert writer.finish() == out
