@@ -59,11 +59,11 @@ def cli(caches: tuple[Path, ...], folds: int, epochs: int, seed: int) -> None:
     """Validation top-2 per assignment method, k-fold mean +- SE, for each CACHE."""
     for cache in caches:
         info = read_info(cache)
-        config = TrainConfig(cache=str(cache), name="assignment", epochs=epochs, folds=folds,
+        config = TrainConfig(caches=(str(cache),), name="assignment", epochs=epochs, folds=folds,
                              seed=seed, device="cpu")
-        pairs = load_pairs(cache, info, None, torch.device("cpu"))
+        pairs = load_pairs([cache], [info], None, torch.device("cpu"))
         fold_list = validation_folds(pairs, config)
-        head_config = head_config_for(info, config)
+        head_config = head_config_for([info], config)
         trainers = [Trainer(fold, head_config, config, progress=False) for fold in fold_list]
         frozen = summarize([
             {label(m, t): figure(frozen_baseline(fold, dataclasses.replace(

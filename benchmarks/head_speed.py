@@ -44,7 +44,7 @@ TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its 
 def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> Fold:
     """A Fold of these training pairs (rows of `features` (N, V, C, h, w)), no validation."""
     return Fold(
-        features=features, train_left=torch.as_tensor(left, dtype=torch.long),
+        features=[features], train_left=torch.as_tensor(left, dtype=torch.long),
         train_right=torch.as_tensor(right, dtype=torch.long),
         val_images=torch.zeros(0, dtype=torch.long), val_queries=np.zeros(0, dtype=np.int64),
         val_candidates=np.zeros((0, 20), dtype=np.int64), val_truth=np.zeros(0, dtype=np.int64))
@@ -56,7 +56,7 @@ def real_split(cache: Path, data: Path | None) -> tuple[Fold, str] | None:
     if not cache.is_file():
         return None
     try:
-        pairs = load_pairs(cache, read_info(cache), data, torch.device("cpu"))
+        pairs = load_pairs([cache], [read_info(cache)], data, torch.device("cpu"))
     except UserError:  # built from other images
         return None
     if len(pairs.dataset.train_pairs) < PAIRS:
@@ -162,10 +162,10 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
     shape = SHAPES[backbone]
     loaded = real_split(cache, data) if cache else None
     split, label = loaded or synthetic_split(shape)
-    if tuple(split.features.shape[2:]) != shape:
-        raise click.ClickException(f"{cache} holds {tuple(split.features.shape[2:])} maps, "
+    if tuple(split.features[0].shape[2:]) != shape:
+        raise click.ClickException(f"{cache} holds {tuple(split.features[0].shape[2:])} maps, "
                                    f"not {backbone}'s {shape} at 245 x 200")
-    config = TrainConfig(cache=str(cache or "synthetic"), name="bench")  # the defaults
+    config = TrainConfig(caches=(str(cache or "synthetic"),), name="bench")  # the defaults
     steps = math.ceil(PAIRS / config.batch_size)
     click.echo(f"{backbone}: {label} features {shape}, {len(split.train_left)} pairs, batch "
                f"{config.batch_size} ({steps} steps/epoch); end to end timed on {e2e_pairs} "

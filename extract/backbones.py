@@ -67,7 +67,7 @@ class TrunkSpec:
                 raise WeightsUnavailable(f"weights file {path} does not exist "
                                          "(--weights takes imagenet, none or a state-dict path)")
             # absolute, so that export finds it from any folder
-            weights, weights_id = str(path.resolve()), _file_id(path)
+            weights, weights_id = str(path.resolve()), file_id(path)
         transform = entry.weights.transforms()
         return cls(backbone, layer or entry.default_layer, weights, weights_id,
                    tuple(transform.mean), tuple(transform.std))
@@ -88,13 +88,14 @@ class TrunkSpec:
                             "--weights PATH does not apply")
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist")
-        if _file_id(path) != self.weights_id:
+        if file_id(path) != self.weights_id:
             raise WeightsUnavailable(f"weights file {path} is not the one the cache was built "
                                      f"with (expected {self.weights_id})")
         return dataclasses.replace(self, weights=str(path.resolve()))
 
 
-def _file_id(path: Path) -> str:
+def file_id(path: Path) -> str:
+    """`sha256:<hex>` of a weights file: how caches and runs name the very file they used."""
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -174,7 +175,7 @@ def _build(spec: TrunkSpec) -> nn.Module:
         path = Path(spec.weights)
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist")
-        digest = _file_id(path)
+        digest = file_id(path)
         if digest != spec.weights_id:
             raise WeightsUnavailable(
                 f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")

@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from extract import UserError, UserPath, __version__, logger, user_errors
-from extract.backbones import Trunk, TrunkSpec
+from extract.backbones import Trunk, TrunkSpec, file_id
 from extract.files import atomic_output, check_output
 from head.model import TLLNet, load_checkpoint
 
@@ -26,37 +26,51 @@ PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime v
 PARITY_BATCHES = (1, 7)
 
 
-def build_network(checkpoint_path: Path, weights: str | Path | None = None
+def build_network(checkpoint_path: Path, weights: list[str | Path] = ()
                   ) -> tuple[TLLNet, dict]:
-    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU);
-    `weights` points at the trunk's state dict where it has moved since extraction."""
+    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU): one
+    trunk per cache, the head, the views. `weights`: state dicts that have moved since
+    extraction, each standing in for the trunk built with the very same file (by its sha256)."""
     head, checkpoint = load_checkpoint(checkpoint_path)
-    cache = checkpoint["cache"]
-    spec = TrunkSpec.from_metadata(cache)
-    if weights is not None:
-        spec = spec.with_weights_file(weights)
-    trunk = Trunk(spec)
-    shape = trunk.output_shape(tuple(cache["input_size"]))
-    if tuple(shape) != tuple(cache["feature_shape"]):
-        raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but the "
-                        f"head was trained on {tuple(cache['feature_shape'])}")
-    return TLLNet([trunk], head, tuple(checkpoint["views"])).eval(), checkpoint
+    specs = [TrunkSpec.from_metadata(cache) for cache in checkpoint["caches"]]
+    for path in map(Path, weights):
+        if not path.is_file():
+            raise UserError(f"--weights {path} does not exist")
+        matching = [i for i, spec in enumerate(specs) if spec.weights_id == file_id(path)]
+        if not matching:
+            raise UserError(f"--weights {path} is none of this run's trunk weights "
+                            f"({', '.join(spec.weights_id for spec in specs)})")
+        for i in matching:
+            specs[i] = specs[i].with_weights_file(path)
+    trunks = []
+    for spec, cache in zip(specs, checkpoint["caches"], strict=True):
+        trunk = Trunk(spec)
+        shape = trunk.output_shape(tuple(cache["input_size"]))
+        if tuple(shape) != tuple(cache["feature_shape"]):
+            raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but "
+                            f"the head was trained on {tuple(cache['feature_shape'])}")
+        trunks.append(trunk)
+    return TLLNet(trunks, head, tuple(checkpoint["views"])).eval(), checkpoint
 
 
 def describe(checkpoint: dict) -> dict[str, str]:
-    """The metadata_props of the exported file: everything `infer` needs to use it."""
-    cache, config = checkpoint["cache"], checkpoint["train_config"]
+    """The metadata_props of the exported file: everything `infer` needs to use it. With
+    several caches (fusion), backbone, layer and weights join every trunk's with "+" and
+    `trunks` lists them in full."""
+    caches, config = checkpoint["caches"], checkpoint["train_config"]
+    first = caches[0]
     return {
         "tll_version": __version__,
-        "backbone": cache["backbone"],
-        "layer": cache["layer"],
-        "weights": cache["weights"],
-        "weights_id": cache["weights_id"],
-        "input_size": json.dumps(list(cache["input_size"])),  # [H, W]
+        "backbone": "+".join(c["backbone"] for c in caches),
+        "layer": "+".join(c["layer"] for c in caches),
+        "weights": "+".join(c["weights"] for c in caches),
+        "trunks": json.dumps([{k: c[k] for k in ("backbone", "layer", "weights", "weights_id")}
+                              for c in caches]),
+        "input_size": json.dumps(list(first["input_size"])),  # [H, W], one for every trunk
         "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
         "views": json.dumps(checkpoint["views"]),  # averaged inside the graph
         "head_config": json.dumps(checkpoint["head_config"]),
-        "dataset_fingerprint": cache["dataset_fingerprint"],
+        "dataset_fingerprint": first["dataset_fingerprint"],
         # after cross-validation the final head saw every pair: no split to score it on
         "val_fraction": str(0.0 if config["folds"] else config["val_fraction"]),
         "folds": str(config["folds"]),
@@ -68,7 +82,7 @@ def describe(checkpoint: dict) -> dict[str, str]:
     }
 
 
-def main(run: str | Path, out: str | Path | None = None, weights: str | Path | None = None,
+def main(run: str | Path, out: str | Path | None = None, weights: list[str | Path] = (),
          opset: int = 18) -> Path:
     """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx); the
     file appears only once it has passed the parity check."""
@@ -79,9 +93,9 @@ def main(run: str | Path, out: str | Path | None = None, weights: str | Path | N
     out = Path(out) if out else run / "model.onnx"
     check_output(out, "model", inputs=[checkpoint_path])
     net, checkpoint = build_network(checkpoint_path, weights)
-    height, width = checkpoint["cache"]["input_size"]
+    height, width = checkpoint["caches"][0]["input_size"]
     example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
-    logger.info("export %s (%s) -> %s", run, checkpoint["cache"]["backbone"], out)
+    logger.info("export %s (%s) -> %s", run, describe(checkpoint)["backbone"], out)
     with atomic_output(out) as tmp:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's own chatter
@@ -122,9 +136,10 @@ def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
               help="Run folder written by `python -m head.train` (holds head.pt).")
 @click.option("--out", type=UserPath(), default=None,
               help="ONNX file [default: <run>/model.onnx].")
-@click.option("--weights", type=UserPath(), default=None,
-              help="Where the trunk's state dict is now, if it has moved since extraction "
-                   "(checked by its sha256) [default: the path recorded in the run].")
+@click.option("--weights", type=UserPath(), multiple=True,
+              help="Where a trunk's state dict is now, if it has moved since extraction (matched "
+                   "to its trunk by sha256; repeatable) [default: the paths recorded in the "
+                   "run].")
 @click.option("--opset", type=click.IntRange(min=17), default=18)
 def cli(**options) -> None:
     """Export the trunk and trained head of a run to one ONNX model, checked against torch."""

@@ -26,9 +26,9 @@ from torch import nn
 from extract import UserError
 
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views the head was trained on
+CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views, and a list of caches
 # every format this code still loads: format 1 is format 2 without a features layer or dropout
-# (the same modules, the same state-dict keys), format 2 is format 3 on one view
+# (the same modules, the same state-dict keys), format 2 is format 3 on one view and one cache
 READABLE_CHECKPOINTS = (1, 2, 3)
 
 
@@ -181,5 +181,7 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
         head.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}); {retrain}") from None
-    checkpoint.setdefault("views", ["identity"])
+    checkpoint.setdefault("views", ["identity"])  # formats 1 and 2: one view
+    if "cache" in checkpoint:  # formats 1 and 2: one cache
+        checkpoint["caches"] = [checkpoint.pop("cache")]
     return head.eval(), checkpoint

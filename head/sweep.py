@@ -31,7 +31,6 @@ import optuna
 
 from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import resolve_device
-from extract.cache import read_info
 from extract.files import atomic_output, check_output, write_text
 from head.loss import LOSSES, NEGATIVES
 from head.model import ATTENTIONS
@@ -44,6 +43,7 @@ from head.train import (
     cross_validate,
     head_config_for,
     load_pairs,
+    read_caches,
     selection_figure,
     validation_folds,
 )
@@ -89,7 +89,7 @@ SEARCH_SPACE: dict[str, Space] = {
 # searched only where the loss uses them
 USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "infonce"}
 # what a sweep holds fixed for every trial: set by its own options, not searched
-FIXED_FIELDS = ("cache", "name", "folds", "split_seed", "seed", "assign", "device",
+FIXED_FIELDS = ("caches", "name", "folds", "split_seed", "seed", "assign", "device",
                 "val_fraction")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in FIXED_FIELDS}
@@ -103,6 +103,8 @@ def parse_param(text: str) -> tuple[str, Space]:
         raise UserError(f"--param {text!r}: expected NAME=SPEC with NAME one of "
                         f"{', '.join(sorted(FIELD_TYPES))}")
     kind = FIELD_TYPES[name]
+    if kind is bool:
+        kind = _boolean
     try:
         if ":" in spec:
             low, high, *rest = spec.split(":")
@@ -117,47 +119,57 @@ def parse_param(text: str) -> tuple[str, Space]:
         raise UserError(f"--param {text!r}: {error}") from None
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
 def search_space(params: list[str]) -> dict[str, Space]:
     return {**SEARCH_SPACE, **dict(parse_param(text) for text in params)}
 
 
-def main(cache: str | Path, trials: int = 40, folds: int = 5, study: str | None = None,
+def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
+         study: str | None = None,
          storage: str | None = None, timeout: float | None = None, params: tuple[str, ...] = (),
          runs_dir: str | Path = DEFAULT_RUNS_DIR, data: str | Path | None = None,
          assign: str = TrainConfig.assign,
          assign_temperature: float = TrainConfig.assign_temperature, split_seed: int = 0,
          seed: int = 0, sampler_seed: int | None = None, device: str = "auto") -> Path:
-    """Run `trials` more trials of the study (created or resumed); returns its output folder."""
-    cache, runs_dir = Path(cache), Path(runs_dir)
-    study_name = study or f"{cache.stem}-{folds}fold"
+    """Run `trials` more trials of the study (created or resumed) on `cache` (or a list of
+    caches, fused); returns its output folder."""
+    caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
+    runs_dir = Path(runs_dir)
+    study_name = study or f"{'+'.join(c.stem for c in caches)}-{folds}fold"
     check_run_name(study_name)
     out = runs_dir / "sweeps" / study_name
     check_output(out, "sweep folder", folder=True)
     space = search_space(list(params))
-    info = read_info(cache)
-    fixed = dict(cache=str(cache), name=study_name, folds=folds, split_seed=split_seed,
-                 seed=seed, assign=assign, assign_temperature=assign_temperature, device=device)
+    infos = read_caches(caches)
+    fixed = dict(caches=tuple(map(str, caches)), name=study_name, folds=folds,
+                 split_seed=split_seed, seed=seed, assign=assign,
+                 assign_temperature=assign_temperature, device=device)
     check_config(TrainConfig(**fixed))
     if folds < 2:
         raise UserError(f"--folds {folds}: a sweep scores each trial by cross-validation, "
                         "which takes at least 2 folds")
     runs_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{runs_dir / 'sweeps.db'}"
-    the_study = _open_study(study_name, storage, info, fixed, sampler_seed)
+    the_study = _open_study(study_name, storage, infos, fixed, sampler_seed)
     figure = selection_figure(TrainConfig(**fixed))
 
     torch_device = resolve_device(device)
-    pairs = load_pairs(cache, info, Path(data) if data else None, torch_device)
+    pairs = load_pairs(caches, infos, Path(data) if data else None, torch_device)
     fold_list = validation_folds(pairs, TrainConfig(**fixed))  # once, for every trial
     logger.info("sweep %s (%s): %d trials of %d-fold cross-validation on %s, scored by %s; "
-                "%d trials already in the study", study_name, storage, trials, folds, cache,
-                figure, len(the_study.trials))
+                "%d trials already in the study", study_name, storage, trials, folds,
+                " + ".join(map(str, caches)), figure, len(the_study.trials))
 
     def objective(trial: optuna.Trial) -> float:
         sampled = sample(trial, space)
         config = TrainConfig(**{**fixed, **sampled})
         check_config(config)
-        head_config = head_config_for(info, config)
+        head_config = head_config_for(infos, config)
 
         def report(epoch: int, summary: dict) -> None:
             trial.report(summary[figure], epoch)
@@ -189,7 +201,7 @@ def sample(trial: optuna.Trial, space: dict[str, Space]) -> dict:
     return sampled
 
 
-def _open_study(name: str, storage: str, info, fixed: dict,
+def _open_study(name: str, storage: str, infos: list, fixed: dict,
                 sampler_seed: int | None) -> optuna.Study:
     """The study, created or resumed; refused if it was started on another cache or setting."""
     for attempt in range(STORAGE_ATTEMPTS):
@@ -206,14 +218,15 @@ def _open_study(name: str, storage: str, info, fixed: dict,
                 raise UserError(f"cannot open the study storage {storage!r}: "
                                 f"{str(error).splitlines()[0]}") from None
             time.sleep(0.5 + random.random())
-    setting = {"backbone": info.backbone, "layer": info.layer, "weights_id": info.weights_id,
-               "input_size": list(info.input_size), "dataset": info.dataset_fingerprint,
+    setting = {"trunks": [[i.backbone, i.layer, i.weights_id, list(i.views)] for i in infos],
+               "input_size": list(infos[0].input_size),
+               "dataset": infos[0].dataset_fingerprint,
                **{k: fixed[k] for k in ("folds", "split_seed", "seed", "assign",
                                         "assign_temperature")}}
     recorded = study.user_attrs.get("setting")
     if recorded is None:
         study.set_user_attr("setting", setting)
-        study.set_user_attr("cache", fixed["cache"])
+        study.set_user_attr("caches", list(fixed["caches"]))
     elif recorded != setting:
         differ = [f"{k}: {recorded.get(k)} (study) vs {setting[k]} (now)" for k in setting
                   if recorded.get(k) != setting[k]]
@@ -283,12 +296,16 @@ def _write_trials(f, study: optuna.Study, figure: str) -> None:
 def best_command(trial: optuna.trial.FrozenTrial, fixed: dict) -> str:
     """The `python -m head.train` command that trains this trial's config, cross-validated the
     same way (so it picks the same number of epochs), the final head on every pair."""
-    options = {**{k: fixed[k] for k in ("cache", "folds", "split_seed", "seed", "assign",
+    options = {**{k: fixed[k] for k in ("folds", "split_seed", "seed", "assign",
                                         "assign_temperature")}, **trial.params,
                "name": f"{fixed['name']}-trial{trial.number}"}
     words = ["python", "-m", "head.train"]
+    for cache in fixed["caches"]:
+        words += ["--cache", cache]
     for key, value in options.items():
-        words += [f"--{key.replace('_', '-')}", str(value)]
+        option = key.replace("_", "-")
+        words += ([f"--{option}" if value else f"--no-{option}"] if isinstance(value, bool)
+                  else [f"--{option}", str(value)])
     return shlex.join(words)
 
 
@@ -316,8 +333,8 @@ def _plot(study: optuna.Study, work: Path) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--cache", type=UserPath(), required=True,
-              help="Feature cache written by `python -m extract`.")
+@click.option("--cache", type=UserPath(), required=True, multiple=True,
+              help="Feature cache written by `python -m extract`; repeat it to fuse several.")
 @click.option("--trials", type=click.IntRange(min=1), default=40,
               help="Trials this process adds to the study.")
 @click.option("--folds", type=click.IntRange(min=2), default=5,

@@ -62,7 +62,7 @@ MAX_LR = 1.0  # AdamW moves each weight by about lr a step: beyond 1 nothing is 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str
+    caches: tuple[str, ...]  # one or more (fusion: one branch of the head per cache)
     name: str
     epochs: int = 10
     batch_size: int = 64
@@ -92,8 +92,8 @@ class CachedPairs:
     """Every train image's feature map in memory, once per process (a sweep's trials and folds
     share it), and where each image's row is."""
 
-    features: torch.Tensor  # (N, V, C, h, w) float16, every train image's V views, on the device
-    row: dict[str, int]  # key -> row of `features`
+    features: list[torch.Tensor]  # per cache (N, V, C, h, w) float16: every train image's views
+    row: dict[str, int]  # key -> row of each of `features`
     dataset: Dataset
     views: tuple[str, ...]  # what the V views are: ("identity",) or ("identity", "hflip")
 
@@ -102,7 +102,7 @@ class CachedPairs:
 class Fold:
     """One way of holding out validation pairs: training pairs and queries as row indices."""
 
-    features: torch.Tensor  # (N, V, C, h, w) float16: CachedPairs.features, shared, not copied
+    features: list[torch.Tensor]  # CachedPairs.features (N, V, C, h, w) each, shared, not copied
     train_left: torch.Tensor  # (P,) rows of each training pair's left
     train_right: torch.Tensor  # (P,) rows of its right
     val_images: torch.Tensor  # (M,) rows of every image the validation queries use
@@ -111,30 +111,51 @@ class Fold:
     val_truth: np.ndarray  # (Q,) index of the true candidate
 
 
-def load_pairs(cache: Path, info: CacheInfo, dataset_path: Path | None,
+# what every fused cache must share: one image feeds every trunk
+FUSED_FIELDS = ("dataset_fingerprint", "input_size")
+
+
+def read_caches(caches: list[Path]) -> list[CacheInfo]:
+    """Each cache's metadata; several caches (fusion) must describe one dataset at one input
+    size, and are refused naming the field that differs."""
+    if len(set(map(str, caches))) < len(caches):
+        raise UserError(f"a cache is given twice: {', '.join(map(str, caches))}")
+    infos = [read_info(cache) for cache in caches]
+    for cache, info in zip(caches[1:], infos[1:], strict=True):
+        for field in FUSED_FIELDS:
+            if getattr(info, field) != getattr(infos[0], field):
+                raise UserError(f"{cache} cannot be fused with {caches[0]}: its {field} is "
+                                f"{getattr(info, field)}, not {getattr(infos[0], field)} (fused "
+                                "caches must be of the same images at the same input size)")
+    return infos
+
+
+def load_pairs(caches: list[Path], infos: list[CacheInfo], dataset_path: Path | None,
                device: torch.device) -> CachedPairs:
-    """The train images' features in every view the cache holds, checked to be of these very
-    images (their sha256)."""
-    dataset = read_dataset(dataset_path or info.dataset)
+    """The train images' features from every cache, in every view they all hold, checked to be
+    of these very images (their sha256)."""
+    dataset = read_dataset(dataset_path or infos[0].dataset)
     keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
                   | {f"train/right/{right}" for _, right in dataset.train_pairs})
-    changed = [key for key, cached, now in zip(keys, read_image_digests(cache, keys),
-                                               dataset.digests(keys), strict=True)
-               if cached != now]
-    if changed:
-        raise UserError(f"{cache} was built from other images than {dataset.root}: "
-                        f"{len(changed)} of its {len(keys)} train images differ (e.g. "
-                        f"{changed[0]}); another dataset, or images changed since: rerun "
-                        "`python -m extract` on this dataset")
-    features = torch.from_numpy(np.stack([read_features(cache, keys, view)
-                                          for view in info.views], axis=1))  # (N, V, C, h, w)
-    return CachedPairs(features.to(device), {key: i for i, key in enumerate(keys)}, dataset,
-                       info.views)
+    for cache in caches:
+        changed = [key for key, cached, now in zip(keys, read_image_digests(cache, keys),
+                                                   dataset.digests(keys), strict=True)
+                   if cached != now]
+        if changed:
+            raise UserError(f"{cache} was built from other images than {dataset.root}: "
+                            f"{len(changed)} of its {len(keys)} train images differ (e.g. "
+                            f"{changed[0]}); another dataset, or images changed since: rerun "
+                            "`python -m extract` on this dataset")
+    views = tuple(v for v in infos[0].views if all(v in info.views for info in infos))
+    features = [torch.from_numpy(np.stack([read_features(cache, keys, view) for view in views],
+                                          axis=1)).to(device)  # (N, V, C, h, w)
+                for cache in caches]
+    return CachedPairs(features, {key: i for i, key in enumerate(keys)}, dataset, views)
 
 
 def make_fold(pairs: CachedPairs, train_pairs: list[tuple[str, str]],
               queries: list[Query]) -> Fold:
-    device, row = pairs.features.device, pairs.row
+    device, row = pairs.features[0].device, pairs.row
     val_keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
     position = {key: i for i, key in enumerate(val_keys)}
     return Fold(
@@ -203,15 +224,17 @@ def summarize(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Unit embeddings (len(rows), D) of `rows` of features (N, V, C, h, w): with several views
-    the mean of each view's embedding, normalised again (test-time augmentation, as the
-    exported model does it)."""
+def embed(head: Head, features: list[torch.Tensor], rows: torch.Tensor,
+          batch_size: int) -> np.ndarray:
+    """Unit embeddings (len(rows), D) of `rows` of each cache's features (N, V, C, h, w): with
+    several views the mean of each view's embedding, normalised again (test-time augmentation,
+    as the exported model does it)."""
     head.eval()
     out = []
     for i in range(0, len(rows), batch_size):
-        block = features[rows[i:i + batch_size]].float()  # (b, V, C, h, w)
-        views = torch.stack([head(block[:, v]) for v in range(block.shape[1])])  # (V, b, D)
+        blocks = [f[rows[i:i + batch_size]].float() for f in features]  # each (b, V, C, h, w)
+        views = torch.stack([head(*[block[:, v] for block in blocks])
+                             for v in range(blocks[0].shape[1])])  # (V, b, D)
         out.append(torch.nn.functional.normalize(views.mean(dim=0), dim=1))  # (b, D)
     return torch.cat(out).cpu().numpy()
 
@@ -219,14 +242,22 @@ def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: in
 def views_used(fold: Fold, config: TrainConfig) -> Fold:
     """The fold with the views `config` trains on: all the cache has, or (flip off) the first,
     the images as they are (a view of the tensor, not a copy)."""
-    return fold if config.flip else dataclasses.replace(fold, features=fold.features[:, :1])
+    if config.flip:
+        return fold
+    return dataclasses.replace(fold, features=[f[:, :1] for f in fold.features])
 
 
 def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
-    """The trunk alone: global-average-pooled feature maps compared by cosine."""
+    """The trunks alone: each cache's features averaged over views and positions, normalised,
+    concatenated, compared by cosine."""
     fold = views_used(fold, config)
-    pooled = fold.features[fold.val_images].float().mean(dim=(1, 3, 4))  # (M, C), all views
-    return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), fold,
+    normalize = torch.nn.functional.normalize
+    pooled = []
+    for features in fold.features:
+        x = features[fold.val_images].float()  # (M, V, C, ...)
+        pooled.append(normalize(x.mean(dim=[d for d in range(x.ndim) if d not in (0, 2)]),
+                                dim=1))  # (M, C)
+    return evaluate(normalize(torch.cat(pooled, dim=1), dim=1).cpu().numpy(), fold,
                     config.assign, config.assign_temperature)
 
 
@@ -237,7 +268,7 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     Refuses an epoch that diverges, or ends with every embedding in one point (the head has
     collapsed: the loss then sits at the margin and nothing can move it again)."""
     head.train()
-    device, views = fold.features.device, fold.features.shape[1]
+    device, views = fold.features[0].device, fold.features[0].shape[1]
     order = torch.randperm(len(fold.train_left), generator=generator).to(device)
     batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     batches = [b for b in batches if len(b) > 1]  # a lone pair has no in-batch negative
@@ -252,8 +283,9 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
         if views > 1:  # each image in a view of its own, drawn anew at every step
             left_view, right_view = torch.randint(views, (2, len(batch)),
                                                   generator=generator).to(device)  # (2, B)
-        anchors = head(fold.features[fold.train_left[batch], left_view].float())  # (B, D)
-        positives = head(fold.features[fold.train_right[batch], right_view].float())  # (B, D)
+        lefts, rights = fold.train_left[batch], fold.train_right[batch]
+        anchors = head(*[f[lefts, left_view].float() for f in fold.features])  # (B, D)
+        positives = head(*[f[rights, right_view].float() for f in fold.features])  # (B, D)
         if config.loss == "infonce":
             loss = info_nce_loss(anchors, positives, config.temperature)
         else:
@@ -288,7 +320,7 @@ class Trainer:
         self.fold, self.config, self.progress = views_used(fold, config), config, progress
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.head = Head(head_config).to(fold.features.device)
+            self.head = Head(head_config).to(fold.features[0].device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -296,7 +328,7 @@ class Trainer:
     def epoch(self, number: int) -> dict[str, float]:
         """Train one epoch; returns its loss and, where the fold has queries, the validation
         figures."""
-        device = self.fold.features.device
+        device = self.fold.features[0].device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             # dropout draws from the global generator: seed it from --seed and the epoch alone,
             # so a run does not depend on what trained before it in this process (a sweep)
@@ -361,40 +393,44 @@ def check_run_name(name: str) -> None:
         raise UserError(f"--name {name!r} is not a plain folder name: {problem}")
 
 
-def main(cache: str | Path, name: str | None = None, data: str | Path | None = None,
-         runs_dir: str | Path = DEFAULT_RUNS_DIR, overwrite: bool = False, **options) -> Path:
-    """Train a head on `cache`; returns the run folder `runs_dir/name`, which appears only once
-    training has finished. An existing run folder is refused unless `overwrite`.
-    `options` are TrainConfig's fields."""
-    cache = Path(cache)
-    name = name or f"{cache.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+def main(cache: str | Path | list[str | Path], name: str | None = None,
+         data: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
+         overwrite: bool = False, **options) -> Path:
+    """Train a head on `cache` (or on a list of caches, fused: one branch of the head each);
+    returns the run folder `runs_dir/name`, which appears only once training has finished. An
+    existing run folder is refused unless `overwrite`. `options` are TrainConfig's fields."""
+    caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
+    if not caches:
+        raise UserError("no cache given: pass --cache (repeat it to fuse several)")
+    name = name or f"{'+'.join(c.stem for c in caches)}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_run_name(name)
     run = Path(runs_dir) / name
     check_output(run, "run folder", folder=True)
     if (run.exists() or run.is_symlink()) and not overwrite:
         raise UserError(f"run folder {run} exists; pass --overwrite to replace it, or choose "
                         "another --name")
-    info = read_info(cache)
-    config = TrainConfig(cache=str(cache), name=name, **options)
+    infos = read_caches(caches)
+    config = TrainConfig(caches=tuple(map(str, caches)), name=name, **options)
     check_config(config)
     device = resolve_device(config.device)
-    logger.info("train %s on %s (%s %s, weights %s) on %s", name, cache, info.backbone,
-                info.layer, info.weights_id, device)
+    described = [f"{c} ({i.backbone} {i.layer}, weights {i.weights_id})"
+                 for c, i in zip(caches, infos, strict=True)]
+    logger.info("train %s on %s on %s", name, " + ".join(described), device)
     logger.info("config %s", json.dumps(asdict(config)))
-    pairs = load_pairs(cache, info, Path(data) if data else None, device)
+    pairs = load_pairs(caches, infos, Path(data) if data else None, device)
     folds = validation_folds(pairs, config)
     has_val = len(folds[0].val_truth) > 0
     baseline = summarize([frozen_baseline(f, config) for f in folds]) if has_val else None
     if baseline:
         logger.info("frozen trunk (pooled, cosine), %s:%s", _validated_on(folds),
                     "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
-    head_config = head_config_for(info, config)
+    head_config = head_config_for(infos, config)
     views = pairs.views if config.flip else ("identity",)
     if len(views) > 1:
         logger.info("views: %s (one drawn per image at each step; validation averages them)",
                     ", ".join(views))
-    description = dict(cache=asdict(info), train_config=asdict(config), baseline=baseline,
-                       views=list(views))
+    description = dict(caches=[asdict(info) for info in infos], train_config=asdict(config),
+                       baseline=baseline, views=list(views))
 
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
         def log_epoch(number: int, record: dict) -> None:
@@ -418,16 +454,18 @@ def main(cache: str | Path, name: str | None = None, data: str | Path | None = N
             history = _train_single_split(folds[0], head_config, config, work, description,
                                           log_epoch)
             best = best_epoch(history, config)
-        summary = {"config": asdict(config), "cache": asdict(info), "baseline": baseline,
-                   "best": {k: v for k, v in best.items() if k != "folds"}}
+        summary = {"config": asdict(config), "caches": [asdict(info) for info in infos],
+                   "baseline": baseline, "best": {k: v for k, v in best.items() if k != "folds"}}
         (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(history, baseline, work / "curves.png")
     log_summary(history, baseline, best, config)
     return run
 
 
-def head_config_for(info: CacheInfo, config: TrainConfig) -> HeadConfig:
-    return HeadConfig(feature_shapes=(info.feature_shape,), embedding_dim=config.embedding_dim,
+def head_config_for(infos: list[CacheInfo], config: TrainConfig) -> HeadConfig:
+    """The head for these caches' features (one branch each) and this config."""
+    return HeadConfig(feature_shapes=tuple(info.feature_shape for info in infos),
+                      embedding_dim=config.embedding_dim,
                       pool=config.pool, attention=config.attention,
                       features_dim=config.features_dim, dropout=config.dropout)
 
@@ -559,8 +597,10 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--cache", type=UserPath(), required=True,
-              help="Feature cache written by `python -m extract`.")
+@click.option("--cache", type=UserPath(), required=True, multiple=True,
+              help="Feature cache written by `python -m extract`; repeat it to fuse several "
+                   "(trunks or layers of the same images at the same input size): one branch "
+                   "of the head each, concatenated before the fully connected layer.")
 @click.option("--name", default=None,
               help="Run folder name, a plain folder name [default: <cache>-<time>].")
 @click.option("--overwrite", is_flag=True,

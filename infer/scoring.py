@@ -16,9 +16,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
 ASSIGN_METHODS = ("none", "sinkhorn", "hungarian")
-DEFAULT_ASSIGN = "none"  # `python -m infer --assign`; used only where the pool is one-to-one
+DEFAULT_ASSIGN = "sinkhorn"  # where the pool is one-to-one; benchmarks/assignment_quality.py
 # Sinkhorn's, in units of the scores' standard deviation (see `assign`)
-DEFAULT_TEMPERATURE = 0.05
+DEFAULT_TEMPERATURE = 0.5
 # The largest |log row sum| accepted (columns are exact after each step). On a 2,000-query pool
 # every query's top 2 came out as at 1e-6, in half the iterations.
 SINKHORN_TOLERANCE = 1e-4

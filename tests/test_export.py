@@ -62,8 +62,8 @@ def invoke(*arguments):
 def test_onnx_runtime_matches_eager_torch(models: dict, backbone: str) -> None:
     run, model = models[backbone]
     net, checkpoint = build_network(run / "head.pt")
-    assert checkpoint["cache"]["backbone"] == backbone
-    height, width = checkpoint["cache"]["input_size"]
+    assert checkpoint["caches"][0]["backbone"] == backbone
+    height, width = checkpoint["caches"][0]["input_size"]
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(7)
     for batch in (1, 5):
@@ -82,7 +82,7 @@ def test_onnx_runtime_matches_eager_torch(models: dict, backbone: str) -> None:
 def test_file_describes_itself(models: dict, backbone: str) -> None:
     run, model = models[backbone]
     summary = json.loads((run / "config.json").read_text())
-    cache, config = summary["cache"], summary["config"]
+    (cache,), config = summary["caches"], summary["config"]
     proto = onnx.load(str(model))  # would fail on a missing external data file
     props = {entry.key: entry.value for entry in proto.metadata_props}
     assert METADATA <= set(props)

@@ -248,12 +248,12 @@ def test_checkpoint_holds_the_kept_epoch(trained_run: Path, train_data: Path) ->
     head, checkpoint = load_checkpoint(trained_run / "head.pt")
     summary = json.loads((trained_run / "config.json").read_text())
     assert checkpoint["best_epoch"] == summary["best"]["epoch"]
-    assert checkpoint["train_config"] == summary["config"]
-    assert json.loads(json.dumps(checkpoint["cache"])) == summary["cache"]
+    assert json.loads(json.dumps(checkpoint["train_config"])) == summary["config"]
+    assert json.loads(json.dumps(checkpoint["caches"])) == summary["caches"]
     assert checkpoint["baseline"] == summary["baseline"]
-    cache = Path(summary["config"]["cache"])
-    pairs = load_pairs(cache, read_info(cache), train_data, torch.device("cpu"))
-    config = TrainConfig(cache=str(cache), name="r50", **TRAIN_SETTINGS)
+    (cache,) = map(Path, summary["config"]["caches"])
+    pairs = load_pairs([cache], [read_info(cache)], train_data, torch.device("cpu"))
+    config = TrainConfig(caches=(str(cache),), name="r50", **TRAIN_SETTINGS)
     (split,) = validation_folds(pairs, config)
     assert len(split.val_truth) == round(0.2 * 300)
     metrics = evaluate(embed(head, split.features, split.val_images, 64), split)
@@ -311,13 +311,13 @@ def test_evaluate_reports_the_assignment_on_a_known_pool() -> None:
 
 
 def _config(cache: Path, **changes) -> TrainConfig:
-    return TrainConfig(cache=str(cache), name="x", **{**TRAIN_SETTINGS, **changes})
+    return TrainConfig(caches=(str(cache),), name="x", **{**TRAIN_SETTINGS, **changes})
 
 
 def test_split_seed_and_seed_act_independently(train_cache: Path) -> None:
     """--split-seed draws the held-out pairs alone, --seed the initial weights and the batch
     order alone."""
-    pairs = load_pairs(train_cache, read_info(train_cache), None, torch.device("cpu"))
+    pairs = load_pairs([train_cache], [read_info(train_cache)], None, torch.device("cpu"))
     configs = {"a": _config(train_cache), "other seed": _config(train_cache, seed=5),
                "other split": _config(train_cache, split_seed=3)}
     folds = {name: validation_folds(pairs, config)[0] for name, config in configs.items()}
@@ -356,7 +356,7 @@ def test_cross_validation(train_cache: Path, tmp_path: Path) -> None:
     head, checkpoint = load_checkpoint(run / "head.pt")
     assert checkpoint["best_epoch"] == chosen
     assert checkpoint["metrics"]["top2"] == history[chosen - 1]["top2"]
-    pairs = load_pairs(train_cache, read_info(train_cache), None, torch.device("cpu"))
+    pairs = load_pairs([train_cache], [read_info(train_cache)], None, torch.device("cpu"))
     config = _config(train_cache, **{**settings, "epochs": chosen})
     final = Trainer(all_pairs_fold(pairs), head.config, config)
     for number in range(1, chosen + 1):

@@ -443,7 +443,7 @@ def test_real_validation_split_has_160_queries(real_data: Path) -> None:
     writes: val_fraction and split_seed as text)."""
     from head.train import TrainConfig
 
-    defaults = TrainConfig(cache="", name="")
+    defaults = TrainConfig(caches=("",), name="")
     info = ModelInfo.from_metadata(Path("model.onnx"), {
         "input_size": "[245, 200]", "val_fraction": str(defaults.val_fraction),
         "split_seed": str(defaults.seed)})

@@ -126,6 +126,7 @@ def test_two_processes_share_one_study(train_cache: Path, tmp_path: Path) -> Non
     ("negatives=all,semihard", "negatives", Space(choices=("all", "semihard"))),
     ("batch-size=32,64", "batch_size", Space(choices=(32, 64))),
     ("margin=0.2", "margin", Space(choices=(0.2,))),
+    ("flip=true,false", "flip", Space(choices=(True, False))),
 ])
 def test_param_spec(text: str, name: str, space: Space) -> None:
     assert parse_param(text) == (name, space)
@@ -140,6 +141,7 @@ def test_param_spec(text: str, name: str, space: Space) -> None:
     ("lr=0:1e-2:log", "low > 0"),
     ("negatives=a:b", "a range is low:high"),
     ("pool=two", "invalid literal"),
+    ("flip=yes", "not true or false"),
     ("seed=3", "NAME one of"),  # the sweep's own options are not searched
 ])
 def test_bad_param_spec_is_named(text: str, fragment: str) -> None:

@@ -126,7 +126,7 @@ def test_embed_averages_the_views_and_normalises() -> None:
     head = Head(HeadConfig(feature_shapes=((8, 3, 3),), embedding_dim=4)).eval()
     features = torch.rand(5, 2, 8, 3, 3)  # (N, V, C, h, w)
     rows = torch.tensor([4, 0, 2])
-    got = embed(head, features, rows, batch_size=2)
+    got = embed(head, [features], rows, batch_size=2)
     with torch.no_grad():
         mean = (head(features[rows, 0]) + head(features[rows, 1])) / 2
     np.testing.assert_allclose(got, torch.nn.functional.normalize(mean, dim=1).numpy(),
