@@ -24,7 +24,7 @@ from extract.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation
 from extract.synth import plan_pairs
 from infer import predict
 from infer.predict import cli
-from infer.scoring import ranking_metrics
+from infer.scoring import DEFAULT_ASSIGN, DEFAULT_TEMPERATURE, assign, ranking_metrics
 from infer.session import ModelInfo
 
 # the rules for a machine without a GPU; on one with a working CUDA provider they differ
@@ -127,8 +127,11 @@ def test_submission_agrees_with_brute_force(submission: Path, train_data: Path,
         got = np.array([[float(v) for v in row[1:]] for row in list(csv.reader(f))[1:]])
     queries = [(dataset.images[q.left], [dataset.images[c] for c in q.candidates])
                for q in dataset.test_queries]
-    expected = brute_force_scores(model, queries, (64, 64))
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    cosines = brute_force_scores(model, queries, (64, 64))
+    # by default the whole pool is re-scored one-to-one, as the model's training chose
+    candidates = np.array([q.candidates for q in dataset.test_queries])
+    expected = assign(cosines, candidates, DEFAULT_ASSIGN, DEFAULT_TEMPERATURE)
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
     # the model ranks: on synthetic look-alikes the true right is usually in the top 2
     truth = [q.candidates.index(f"test/right/{right}") for q, right in
@@ -204,7 +207,11 @@ def test_val_split_reproduces_training(model: Path, exported_run: Path, train_da
     assert len(unique) == 2 * len(queries)
     assert len(embedded[0]) == len(set(embedded[0])) == len(unique)
     assert sum(rows_run) == len(unique) and max(rows_run) <= 16
-    assert report["assignment"] == {"method": "none"}  # the default, for now
+    # the default re-scoring, as training reported it (float16 maps there, float32 here)
+    assert report["assignment"]["method"] == DEFAULT_ASSIGN
+    assert report["assignment"]["temperature"] == DEFAULT_TEMPERATURE
+    assert report["assignment"]["metrics"]["top2"] == pytest.approx(
+        summary["best"]["top2_assigned"], abs=1 / 60 + 1e-9)
     assert written(tmp_path) == ["report.html", "report.json"]  # the page beside the report
     assert (tmp_path / "report.html").read_text().count('<div class="q">') == len(queries)
 
@@ -256,7 +263,10 @@ def test_submission_with_hungarian(model: Path, train_data: Path, submission: Pa
                     "--assign", "hungarian", "--report", page)
     assert result.exit_code == 0, result.text
     lefts, lifted = read_submission(out)
-    plain_lefts, plain = read_submission(submission)
+    plain_out = tmp_path / "plain" / "submission.csv"
+    assert invoke("--onnx", model, "--data", train_data, "--out", plain_out, "--device", "cpu",
+                  "--assign", "none").exit_code == 0
+    plain_lefts, plain = read_submission(plain_out)
     assert lefts == plain_lefts
     # each query's first choice is a different image; the other 19 keep their plain scores
     dataset = read_dataset(train_data)
@@ -266,7 +276,7 @@ def test_submission_with_hungarian(model: Path, train_data: Path, submission: Pa
     others = np.arange(20) != first[:, None]
     np.testing.assert_array_equal(lifted[others], plain[others])
     assert page.read_text().count('<div class="q">') == 20
-    assert written(tmp_path) == ["submission.csv", "test.html"]
+    assert written(tmp_path) == ["plain", "submission.csv", "test.html"]
 
 
 def test_assignment_where_the_pool_is_not_one_to_one(model: Path, dataset_copy: Path,

@@ -85,7 +85,7 @@ def test_best_command_reproduces_the_best_trial(train_cache: Path, tmp_path: Pat
                 if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
     summary = json.loads((run / "config.json").read_text())
     assert summary["best"]["epoch"] == best.user_attrs["epoch"]
-    assert summary["best"]["top2"] == pytest.approx(best.value, abs=1e-12)
+    assert summary["best"]["top2_assigned"] == pytest.approx(best.value, abs=1e-12)
 
 
 def test_a_study_of_another_setting_is_refused(train_cache: Path, tmp_path: Path) -> None:
