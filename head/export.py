@@ -64,6 +64,7 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "backbone": "+".join(c["backbone"] for c in caches),
         "layer": "+".join(c["layer"] for c in caches),
         "weights": "+".join(c["weights"] for c in caches),
+        "caches": json.dumps(list(config["caches"])),  # as head.train was given them
         "trunks": json.dumps([{k: c[k] for k in ("backbone", "layer", "weights", "weights_id")}
                               for c in caches]),
         "input_size": json.dumps(list(first["input_size"])),  # [H, W], one for every trunk

@@ -192,7 +192,8 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
                         info.val_metrics["top2"])
         written = write_report(out, queries, scores, assigned, figures)
     if report:
-        summary = {"model": str(onnx), "trunk": info.trunk, "data": str(dataset.root),
+        summary = {"model": str(onnx), "trunk": info.trunk, "cache": info.caches,
+                   "data": str(dataset.root),
                    "split": f"{split}, {len(queries)} queries", "assignment": described}
         write_report_page(report, summary, queries, dataset.images, scores, assigned, truth)
         logger.info("error-analysis page: %s", report)

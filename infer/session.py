@@ -26,6 +26,7 @@ class ModelInfo:
 
     input_size: tuple[int, int]  # (H, W)
     trunk: str  # backbone, layer and weights, for people to read
+    caches: str  # the caches the head was trained on, for people to read
     val_fraction: float | None
     split_seed: int | None
     dataset_fingerprint: str | None
@@ -52,6 +53,7 @@ class ModelInfo:
         return cls(
             input_size=(height, width),
             trunk=" ".join(props.get(k, "?") for k in ("backbone", "layer", "weights")),
+            caches=", ".join(json.loads(props.get("caches", "[]"))) or "?",
             val_fraction=val_fraction, split_seed=split_seed,
             dataset_fingerprint=props.get("dataset_fingerprint"), val_metrics=val_metrics,
             assign=props.get("assign"), assign_temperature=temperature,

@@ -25,7 +25,8 @@ from head.train import main as train
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 METADATA = {"backbone", "layer", "weights", "input_size", "embedding_dim", "tll_version",
-            "val_fraction", "split_seed", "folds", "assign", "assign_temperature"}
+            "val_fraction", "split_seed", "folds", "assign", "assign_temperature", "caches",
+            "trunks", "views"}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,7 @@ def test_file_describes_itself(models: dict, backbone: str) -> None:
     metrics = json.loads(props["val_metrics"])
     assert metrics == {k: summary["best"][k] for k in metrics}
     assert {"top1", "top2", "mrr"} <= set(metrics)
+    assert json.loads(props["caches"]) == config["caches"]
     assert props["assign"] == config["assign"]
     assert float(props["assign_temperature"]) == config["assign_temperature"]
 
