@@ -3,7 +3,8 @@
 Inline CSS, an inline SVG chart and small JPEG thumbnails as base64, no framework, no network.
 Each image is embedded once, in one list that a short inline script copies into the `<img>`s that
 show it; on window load the script counts the thumbnails that decoded (naturalWidth > 0) into the
-line at the bottom. Also the atomic writer every file of `python -m infer` goes through.
+line at the bottom. Thumbnails are decoded by `extract.data.load_image`, like the model's input:
+upright, at their depth, transparency on white.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from extract.data import Query, image_id
+from extract.data import Query, image_id, load_image
 from extract.files import write_text
 from infer.scoring import ranking_metrics, truth_ranks
 
@@ -57,16 +58,20 @@ addEventListener("load", () => {
 
 
 def thumbnail(path: Path, height: int = THUMBNAIL_HEIGHT) -> str:
-    """A small JPEG of the image, `height` px high, upright (EXIF), as base64."""
-    with Image.open(path) as image:
-        image.draft("RGB", (height, height))  # JPEG: decode smaller, each side still >= height
-        image = ImageOps.exif_transpose(image)
-        image.thumbnail((4 * height, height), Image.Resampling.LANCZOS)
-        rgba = image.convert("RGBA")  # transparent pixels often hide arbitrary colours: on white
-        rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    """A small JPEG of the image, `height` px high (at most 4 times as wide), as base64."""
+    with Image.open(path) as image:  # the header alone: the upright aspect ratio
+        width, tall = image.size[::-1] if _rotated(image) else image.size
+    size = (height, max(1, min(4 * height, round(width * height / tall))))  # (H, W)
+    pixels = (load_image(path, size) * 255).round().astype(np.uint8)  # (3, H, W)
     buffer = io.BytesIO()
-    rgb.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+    Image.fromarray(pixels.transpose(1, 2, 0)).save(buffer, "JPEG", quality=THUMBNAIL_QUALITY,
+                                                    optimize=True)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _rotated(image: Image.Image) -> bool:
+    """Whether the EXIF orientation turns the image by 90 degrees (swapping width and height)."""
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
 def write_report_page(path: str | Path, summary: dict[str, str], queries: list[Query],
