@@ -51,6 +51,7 @@ from infer.scoring import ASSIGN_METHODS
 
 LEADERBOARD_SIZE = 10
 STORAGE_ATTEMPTS = 5
+HEARTBEAT_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,16 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict,
     """The study, created or resumed; refused if it was started on another cache or setting."""
     for attempt in range(STORAGE_ATTEMPTS):
         try:
+            # a killed worker's trial is failed once its heartbeat is older than the grace
+            # period (the next worker to start a trial sees it) and run once more
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+                rdb = optuna.storages.RDBStorage(
+                    storage, heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=3 * HEARTBEAT_SECONDS, heartbeat_stale_trial_callback=retry)
             study = optuna.create_study(
-                study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
             break
