@@ -1,18 +1,24 @@
 """The feature cache: one HDF5 file per (backbone, layer, weights, input size, dataset).
 This is the only module that imports h5py.
 
-Schema (version 2)::
+Schema (version 3)::
 
     /keys          (N,)          utf-8 str   "split/side/id" of every image, sorted: the row order
     /features      (N, C, h, w)  float16     the trunk's feature map of each image, contiguous
-                                             (fast fancy-index and slice reads)
+                   or (N, D)                 (fast fancy-index and slice reads); or its vector
+                                             (a global embedding, `--layer global`)
     /done          (N,)          uint8       1 once a row's features are written (resume)
     /image_sha256  (N,)          utf-8 str   sha256 of the image file each row was computed from
 
-    attributes: schema_version, backbone, layer, weights ("imagenet" | "none" | an absolute path),
-    weights_id (enum name, random-init seed, or sha256 of the file), mean, std (3,),
-    input_size (H, W), feature_shape (C, h, w), dtype, torch_version, torchvision_version,
-    dataset (absolute path), dataset_fingerprint (sha256 of keys and image contents), complete.
+    attributes: schema_version, backbone (a torchvision name or timm:<model>.<tag>), layer,
+    weights ("imagenet" | "pretrained" | "none" | an absolute path), weights_id (enum name, hub
+    id, random-init seed, or sha256 of the file), mean, std (3,), input_size (H, W),
+    interpolation (how images were resized to it: bilinear | bicubic), feature_shape (C, h, w)
+    or (D,), dtype, torch_version, torchvision_version, timm_version, dataset (absolute path),
+    dataset_fingerprint (sha256 of keys and image contents), complete.
+
+Schema 2 is schema 3 without interpolation and timm_version, and maps only: it reads as
+bilinear, and a resume of it stays schema 2.
 
 A cache in progress lives at ``<name>.h5.partial``; it is renamed to ``<name>.h5`` only once every
 row is done, ``complete`` is set and the closed file reads back whole, so a file under the final
@@ -36,14 +42,16 @@ import h5py
 import numpy as np
 
 from extract import UserError, logger
+from extract.data import DEFAULT_INTERPOLATION
 from extract.files import no_space
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, SCHEMA_VERSION)
 FEATURE_DTYPE = np.float16
 # what makes two caches interchangeable apart from the images' contents, which are compared
 # row by row (image_sha256); a resume or a reuse must match all of them
 IDENTITY_FIELDS = ("backbone", "layer", "weights_id", "mean", "std", "input_size",
-                   "feature_shape")
+                   "interpolation", "feature_shape")
 DATASETS = ("keys", "features", "done", "image_sha256")
 
 
@@ -60,11 +68,13 @@ class CacheInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_size: tuple[int, int]  # (H, W)
-    feature_shape: tuple[int, int, int]  # (C, h, w)
+    feature_shape: tuple[int, ...]  # (C, h, w) of a map or (D,) of a vector
     dataset: str
     dataset_fingerprint: str
     torch_version: str
     torchvision_version: str
+    interpolation: str = DEFAULT_INTERPOLATION  # absent in schema 2
+    timm_version: str = ""  # absent in schema 2
     dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
 
@@ -82,16 +92,20 @@ def _write_info(file: h5py.File, info: CacheInfo) -> None:
 def _read_info(file: h5py.File, path: Path) -> CacheInfo:
     attrs = file.attrs
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise CacheError(f"{path}: cache schema version {version}, this tll reads "
-                         f"{SCHEMA_VERSION}; rebuild it with `python -m extract ... --overwrite`")
-    missing = [f.name for f in dataclasses.fields(CacheInfo) if f.name not in attrs]
+                         f"{' and '.join(map(str, READABLE_SCHEMAS))}; rebuild it with "
+                         "`python -m extract ... --overwrite`")
+    missing = [f.name for f in dataclasses.fields(CacheInfo)
+               if f.name not in attrs and f.default is dataclasses.MISSING]
     missing += [name for name in DATASETS if name not in file]
     if missing:
         raise CacheError(f"{path} is damaged (it lacks {', '.join(missing)}); rebuild it with "
                          "`python -m extract ... --overwrite`")
     values = {}
     for field in dataclasses.fields(CacheInfo):
+        if field.name not in attrs:
+            continue
         value = attrs[field.name]
         if isinstance(value, np.ndarray):
             value = tuple(value.tolist())
@@ -216,7 +230,7 @@ class CacheWriter:
         self.missing = np.flatnonzero(self.file["done"][:] == 0)
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store features (n, C, h, w) for the ascending row indices `rows` (n,)."""
+        """Store features (n, *feature_shape) for the ascending row indices `rows` (n,)."""
         assert self.file is not None
         try:
             if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice write
@@ -286,7 +300,7 @@ def _refuse_missing(path: Path, keys: list[str], rows: dict) -> None:
 
 
 def read_features(path: str | Path, keys: list[str]) -> np.ndarray:
-    """Feature maps (len(keys), C, h, w) float16 for `keys`, in their order."""
+    """Features (len(keys), *feature_shape) float16 for `keys`, in their order."""
     path = Path(path)
     with _open_complete(path) as file:
         row_of = {k: i for i, k in enumerate(_strings(file["keys"]))}

@@ -1,8 +1,8 @@
 """`python -m head.export`: trunk(s) + head of a run -> one self-contained ONNX file.
 
 The trunk is rebuilt from the cache metadata in the checkpoint (the same weights, checked by
-name, seed or sha256) and refused if its feature map no longer has the cached shape. The file
-carries its own description in `metadata_props` (what `python -m infer` reads), and is checked
+name, hub id, seed or sha256) and refused if its features no longer have the cached shape. The
+file carries its own description in `metadata_props` (what `python -m infer` reads), and is checked
 against eager torch in ONNX Runtime at two batch sizes before it is kept.
 """
 
@@ -36,9 +36,9 @@ def build_network(checkpoint_path: Path, weights: str | Path | None = None
     if weights is not None:
         spec = spec.with_weights_file(weights)
     trunk = Trunk(spec)
-    shape = trunk.output_shape(tuple(cache["input_size"]))
+    shape = trunk.output_shape()
     if tuple(shape) != tuple(cache["feature_shape"]):
-        raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but the "
+        raise UserError(f"the rebuilt {spec.backbone} trunk gives features {shape}, but the "
                         f"head was trained on {tuple(cache['feature_shape'])}")
     return TLLNet([trunk], head).eval(), checkpoint
 
@@ -53,6 +53,8 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "weights": cache["weights"],
         "weights_id": cache["weights_id"],
         "input_size": json.dumps(list(cache["input_size"])),  # [H, W]
+        # how infer resizes images to input_size; a cache from before it was recorded: bilinear
+        "interpolation": TrunkSpec.from_metadata(cache).interpolation,
         "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
         "head_config": json.dumps(checkpoint["head_config"]),
         "dataset_fingerprint": cache["dataset_fingerprint"],

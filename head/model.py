@@ -1,9 +1,10 @@
 """The head, all of it, and `TLLNet`, the whole network that is exported.
 
 Head: for each trunk's feature map, batch norm -> attention -> max-pool to a fixed grid ->
-flatten -> batch norm; the results are concatenated -> one fully connected layer ->
-L2-normalised embedding. It takes one feature map per trunk, so several caches can later feed one
-model.
+flatten -> batch norm; for each trunk's vector (a global embedding such as CLIP's, which has
+no positions to attend over or pool), batch norm -> a features layer (linear -> layer norm ->
+GELU); the results are concatenated -> one fully connected layer -> L2-normalised embedding. It
+takes one input per trunk, maps and vectors in any mix, so several caches can feed one model.
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -30,7 +31,7 @@ CHECKPOINT_VERSION = 1  # raised whenever a checkpoint of the last version would
 
 @dataclass(frozen=True)
 class HeadConfig:
-    feature_shapes: tuple[tuple[int, int, int], ...]  # (C, h, w) of each trunk's feature map
+    feature_shapes: tuple[tuple[int, ...], ...]  # (C, h, w) of each trunk's map, or (D,)
     embedding_dim: int = 256
     pool: int = 2  # max-pool each map to a pool x pool grid
     attention: str = "spatial"
@@ -40,6 +41,10 @@ class HeadConfig:
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTIONS}")
         object.__setattr__(self, "feature_shapes",
                            tuple(tuple(int(n) for n in shape) for shape in self.feature_shapes))
+        for shape in self.feature_shapes:
+            if len(shape) not in (1, 3):
+                raise ValueError(f"feature shape {shape} is neither a map (C, h, w) nor a "
+                                 "vector (D,)")
 
 
 class SpatialAttention(nn.Module):
@@ -102,18 +107,32 @@ class Head(nn.Module):
         attention = {"spatial": SpatialAttention, "channel": ChannelAttention,
                      "none": lambda channels: nn.Identity()}[config.attention]
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(c), attention(c), GridMaxPool(h, w, config.pool),
-                          nn.Flatten(),
-                          nn.BatchNorm1d(c * config.pool ** 2))
-            for c, h, w in config.feature_shapes
+            nn.Sequential(nn.BatchNorm2d(shape[0]), attention(shape[0]),
+                          GridMaxPool(shape[1], shape[2], config.pool), nn.Flatten(),
+                          nn.BatchNorm1d(shape[0] * config.pool ** 2))
+            if len(shape) == 3 else vector_branch(shape[0])
+            for shape in config.feature_shapes
         )
-        flat = sum(c * config.pool ** 2 for c, _, _ in config.feature_shapes)
+        flat = sum(branch_width(shape, config.pool) for shape in config.feature_shapes)
         self.fc = nn.Linear(flat, config.embedding_dim)
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:  # each (B, C_i, h_i, w_i)
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        # each (B, C_i, h_i, w_i) or (B, D_i)
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
-                         dim=1)  # (B, sum C_i * pool^2)
+                         dim=1)  # (B, sum of branch widths)
         return F.normalize(self.fc(flat), dim=1)  # (B, D), unit norm
+
+
+def vector_branch(dim: int) -> nn.Sequential:
+    """A vector's features layer: (B, D) -> (B, D). The batch norm first for the reason the
+    maps have theirs (large values sharing one direction); then a learnt layer, as the map's
+    attention is, before the shared FC."""
+    return nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
+
+
+def branch_width(shape: tuple[int, ...], pool: int) -> int:
+    """What one input's branch gives the FC: C * pool^2 for a map (C, h, w), D for a vector."""
+    return shape[0] * pool ** 2 if len(shape) == 3 else shape[0]
 
 
 class TLLNet(nn.Module):

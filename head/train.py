@@ -1,9 +1,9 @@
 """`python -m head.train`: train the head on a feature cache, in seconds.
 
-The train images' feature maps are loaded once into one tensor (on the GPU when training
-there) and batches are gathered from it by index. Every epoch is validated on the seeded split
-laid out like the Kaggle test; the frozen trunk's own score (global-average-pooled features,
-cosine) is printed first, so each run shows the head's lift over it. The run folder
+The train images' features (maps or vectors) are loaded once into one tensor (on the GPU when
+training there) and batches are gathered from it by index. Every epoch is validated on the
+seeded split laid out like the Kaggle test; the frozen trunk's own score (global-average-pooled
+features, cosine) is printed first, so each run shows the head's lift over it. The run folder
 ``runs/<name>/`` holds head.pt (the best epoch by the validation top-2 that `python -m infer`
 will give by default: after the one-to-one assignment `--assign`, unless that is none), config.json,
 metrics.jsonl and curves.png; it appears only once training has finished.
@@ -65,9 +65,9 @@ class TrainConfig:
 
 @dataclass
 class CachedSplit:
-    """The train images' feature maps in memory and the pairs and queries as row indices."""
+    """The train images' features in memory and the pairs and queries as row indices."""
 
-    features: torch.Tensor  # (N, C, h, w) float16, every train image once
+    features: torch.Tensor  # (N, C, h, w) or (N, D) float16, every train image once
     train_left: torch.Tensor  # (P,) rows of each training pair's left
     train_right: torch.Tensor  # (P,) rows of its right
     val_images: torch.Tensor  # (M,) rows of every image the validation queries use
@@ -135,8 +135,10 @@ def embed(head: Head, features: torch.Tensor, rows: torch.Tensor, batch_size: in
 
 
 def frozen_baseline(split: CachedSplit, config: TrainConfig) -> dict[str, float]:
-    """The trunk alone: global-average-pooled feature maps compared by cosine."""
-    pooled = split.features[split.val_images].float().mean(dim=(2, 3))  # (M, C)
+    """The trunk alone: global-average-pooled feature maps, or the vectors as they are,
+    compared by cosine."""
+    features = split.features[split.val_images].float()  # (M, C, h, w) or (M, D)
+    pooled = features.mean(dim=(2, 3)) if features.dim() == 4 else features  # (M, C)
     return evaluate(torch.nn.functional.normalize(pooled, dim=1).cpu().numpy(), split,
                     config.assign, config.assign_temperature)
 
