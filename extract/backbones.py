@@ -72,17 +72,18 @@ class Curated:
     images_per_s: float  # benchmarks/extract_speed.py, pipeline img/s (see README)
 
 
-# images/s: `python benchmarks/extract_speed.py`, 2-core CPU shared with another extraction,
-# random init, batch 32, real images, 2026-11-27 (benchmarks/README.md)
+# images/s: `python benchmarks/extract_speed.py` (pipeline img/s), 2026-11-27 10:20-10:45, on the
+# 2-core CPU at load 4.9-8 (other jobs running; resnet50 made 19.9 img/s at load 1.8, so expect
+# about 4x these on a quiet machine), random init, batch 32, real images
 CURATED = (
-    Curated("vgg16", "features", (245, 200), (512, 7, 6), None, 5.7),
-    Curated("resnet50", "layer4", (245, 200), (2048, 8, 7), None, 19.9),
-    Curated("densenet201", "relu", (224, 224), (1920, 7, 7), None, 0.0),
-    Curated("convnext_tiny", "features", (224, 224), (768, 7, 7), None, 0.0),
+    Curated("vgg16", "features", (245, 200), (512, 7, 6), None, 3.8),
+    Curated("resnet50", "layer4", (245, 200), (2048, 8, 7), None, 4.7),
+    Curated("densenet201", "relu", (224, 224), (1920, 7, 7), None, 1.5),
+    Curated("convnext_tiny", "features", (224, 224), (768, 7, 7), None, 5.4),
     Curated("timm:vit_base_patch16_clip_quickgelu_224.openai", "blocks.11", (224, 224),
-            (768, 14, 14), (512,), 0.0),
+            (768, 14, 14), (512,), 2.6),
     Curated("timm:vit_small_patch14_dinov2.lvd142m", "blocks.11", (518, 518), (384, 37, 37),
-            (384,), 0.0),
+            (384,), 1.0),
 )
 
 
@@ -103,10 +104,6 @@ class Backbone:
     weights_word: str  # what `--weights pretrained` is recorded as: imagenet or pretrained
     layer: str | None  # the default cut; None: found on probe inputs (torchvision)
     fixed_input_size: bool  # timm: built for one input size (ViTs); rebuilt for another
-
-    @property
-    def is_timm(self) -> bool:
-        return self.name.startswith(TIMM)
 
 
 def resolve_backbone(name: str) -> Backbone:

@@ -155,9 +155,9 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                    .rstrip())
-    click.echo("img/s: the whole extract pipeline on a 2-core CPU, random init, batch 32 "
-               "(benchmarks/extract_speed.py; README). Any torchvision classification model "
-               "or timm:<model>[.<tag>] works too.")
+    click.echo("img/s: the whole extract pipeline on a busy 2-core CPU (load 5-8; about 4x "
+               "that when quiet), random init, batch 32 (benchmarks/extract_speed.py; README). "
+               "Any torchvision classification model or timm:<model>[.<tag>] works too.")
     context.exit()
 
 
