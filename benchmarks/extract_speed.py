@@ -1,7 +1,8 @@
-"""Images/s of the whole extract pipeline against the bare trunk forward pass.
+"""Images/s of the whole extract pipeline against the bare trunk forward pass, for each
+backbone of the curated list (`python -m extract --list-backbones`).
 
-The pipeline is `extract.extract_features.main` on a small Kaggle-layout subset (~256 images
-for resnet50, ~128 for vgg16, at the real 245 x 200): reading the dataset, building the trunk,
+The pipeline is `extract.extract_features.main` on a small Kaggle-layout subset (`IMAGES`, each
+backbone at its own default input size and cut): reading the dataset, building the trunk,
 decoding in DataLoader workers, the forward pass, writing the HDF5 cache. The baseline is
 what the pipeline would do with free decoding and writing: `Trunk(spec)` on pre-decoded random
 tensors of the same batch size, channels_last, under inference_mode. The two alternate round
@@ -20,13 +21,16 @@ import click
 import common
 import torch
 
-from extract.backbones import Trunk, TrunkSpec
-from extract.data import DEFAULT_INPUT_SIZE
+from extract.backbones import CURATED, Trunk, TrunkSpec
 from extract.extract_features import main as extract
 
 TARGET = 0.9
-IMAGES = {"resnet50": 256, "vgg16": 128}  # vgg16 runs ~4x slower
-QUICK_IMAGES = {"resnet50": 64, "vgg16": 32}
+# about 10 s of forward passes per measurement on the 2-core CPU (the subset needs >= 23)
+IMAGES = {"vgg16": 64, "resnet50": 192, "densenet201": 128, "convnext_tiny": 128,
+          "timm:vit_base_patch16_clip_quickgelu_224.openai": 48,
+          "timm:vit_small_patch14_dinov2.lvd142m": 24}
+QUICK_IMAGES = dict.fromkeys(IMAGES, 24)
+assert list(IMAGES) == [c.backbone for c in CURATED]
 
 
 def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batch_size: int,
@@ -37,9 +41,8 @@ def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batc
     def measure() -> float:
         out = scratch / f"{backbone}-{next(runs)}.h5"
         with common.Timer() as timer:
-            extract(backbone, data, out=out, weights="none", input_size=DEFAULT_INPUT_SIZE,
-                    device="cpu", batch_size=batch_size, workers=workers, amp=False,
-                    overwrite=True)
+            extract(backbone, data, out=out, weights="none", device="cpu",
+                    batch_size=batch_size, workers=workers, amp=False, overwrite=True)
         out.unlink()
         return images / timer.seconds
 
@@ -49,14 +52,14 @@ def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batc
 def trunk_measure(trunk: Trunk, images: int, batch_size: int):
     """A measure: the bare forward pass over as many pre-decoded images, same batches."""
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.rand(min(batch_size, images - i), 3, *DEFAULT_INPUT_SIZE,
+    batches = [torch.rand(min(batch_size, images - i), 3, *trunk.spec.input_size,
                           generator=generator).contiguous(memory_format=torch.channels_last)
                for i in range(0, images, batch_size)]  # each (B, 3, H, W)
 
     def measure() -> float:
         with common.Timer() as timer, torch.inference_mode():
             for batch in batches:
-                trunk(batch)  # (B, C, h, w)
+                trunk(batch)  # (B, C, h, w) or (B, D)
         return images / timer.seconds
 
     return measure
@@ -70,9 +73,9 @@ def bench(backbone: str, source: Path, scratch: Path, images: int, rounds: int,
         trunk = Trunk(spec)  # the pipeline builds one too, inside its timing
     trunk.to(memory_format=torch.channels_last)
     with torch.inference_mode():  # warm both paths up once (allocator, oneDNN kernels)
-        trunk(torch.rand(2, 3, *DEFAULT_INPUT_SIZE).contiguous(memory_format=torch.channels_last))
-    click.echo(f"{backbone}: {images} images, batch {batch_size}, {workers} decode workers, "
-               f"{rounds} rounds")
+        trunk(torch.rand(2, 3, *spec.input_size).contiguous(memory_format=torch.channels_last))
+    click.echo(f"{backbone}: {images} images at {spec.input_size[0]} x {spec.input_size[1]}, "
+               f"batch {batch_size}, {workers} decode workers, {rounds} rounds")
     results = common.interleave({
         "pipeline": pipeline_measure(backbone, data, scratch, images, batch_size, workers),
         "trunk": trunk_measure(trunk, images, batch_size),
@@ -91,8 +94,8 @@ def bench(backbone: str, source: Path, scratch: Path, images: int, rounds: int,
               default=None, help="Kaggle-layout dataset to take images from "
               "[default: ../shared/tll if present, else a synthetic set].")
 @click.option("--quick", is_flag=True, help="Fewer images and rounds (a smoke run).")
-@click.option("--backbone", "backbones", multiple=True, type=click.Choice(sorted(IMAGES)),
-              default=("resnet50", "vgg16"))
+@click.option("--backbone", "backbones", multiple=True, type=click.Choice(list(IMAGES)),
+              default=tuple(IMAGES), help="Repeat for several [default: the curated list].")
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="Alternations of the two measurements [default: 3, --quick 2].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32,

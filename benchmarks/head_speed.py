@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from extract import UserError
-from extract.backbones import BACKBONES, Trunk, TrunkSpec
+from extract.backbones import PINNED, Trunk, TrunkSpec
 from extract.cache import read_info
 from extract.data import DEFAULT_INPUT_SIZE
 from head.loss import cosine_triplet_loss
@@ -232,7 +232,7 @@ def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], cache_dir: P
     rows = []
     for backbone in backbones:
         cache = None if synthetic else \
-            cache_dir / f"{backbone}-{BACKBONES[backbone].default_layer}-none.h5"
+            cache_dir / f"{backbone}-{PINNED[backbone].layer}-none.h5"
         rows += bench(backbone, cache, data, rounds, e2e_pairs, profile, what_ifs)
     click.echo()
     click.echo(common.table(

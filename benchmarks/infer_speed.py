@@ -47,7 +47,7 @@ def make_run(backbone: str, data: Path, scratch: Path) -> Path:
     info = CacheInfo(
         backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
         weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
-        input_size=DEFAULT_INPUT_SIZE, feature_shape=trunk.output_shape(DEFAULT_INPUT_SIZE),
+        input_size=spec.input_size, feature_shape=trunk.output_shape(),
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version="-")
     keys = dataset.keys()

@@ -1,44 +1,177 @@
-"""The backbone table and the frozen trunk: one place that knows each torchvision model.
+"""Backbones and the frozen trunk: the one place that knows torchvision's and timm's models.
+
+`--backbone` takes any torchvision classification model (`vgg16`, `densenet201`, ...) or
+`timm:<model>[.<pretrained tag>]`. `resolve_backbone` asks the library itself for the weights and
+their preprocessing (mean, std, input size, interpolation: torchvision's weights' `transforms()`,
+timm's `resolve_model_data_config`); nothing is copied into a table here, except what keeps
+`vgg16` and `resnet50` exactly as they were (`PINNED`).
+
+Where the trunk is cut (`--layer`):
+- torchvision: a named graph node, cut with torchvision's feature extraction (no slicing by index).
+  The default is the last spatial feature map before global pooling, found on probe inputs.
+- timm: one of the model's feature stages (`feature_info`: `blocks.11`, `stages.3`), taken with
+  `forward_intermediates` as an NCHW map (a ViT's patch tokens after its final norm, reshaped to
+  their grid, prefix tokens dropped); the default is the last. Or `global`: the model's image
+  embedding as a vector, as its own head gives it (see `_TimmCut`).
 
 A `Trunk` takes RGB in [0, 1] and applies its weights' own normalisation, so the exported ONNX
-graph carries the preprocessing and nothing downstream re-implements it. It cuts the model at a
-named graph node with torchvision's feature extraction (no slicing by index).
+graph carries the preprocessing and nothing downstream re-implements it. Resizing to the input
+size happens before, in `extract.data.load_image`, with the interpolation recorded in the spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
+import timm.data
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from extract import UserError
+from extract.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
+
+TIMM = "timm:"  # the prefix of a timm model name on --backbone
+GLOBAL = "global"  # the --layer of a timm model's image embedding (a vector)
+PRETRAINED = ("pretrained", "imagenet")  # --weights words for the library's published weights
+RANDOM_INIT_SEED = 0
 
 
 @dataclass(frozen=True)
-class Backbone:
-    builder: Callable[..., nn.Module]
-    weights: models.WeightsEnum  # the ImageNet weights `--weights imagenet` loads
-    default_layer: str  # graph node to cut at
+class Pinned:
+    """What a backbone keeps from before it was resolved from the library."""
+
+    weights: models.WeightsEnum
+    layer: str
+    input_size: tuple[int, int]  # (H, W)
 
 
-BACKBONES: dict[str, Backbone] = {
+PINNED: dict[str, Pinned] = {
     # features: conv5_3 + its max-pool -> 512 x 7 x 6 at 245 x 200
-    "vgg16": Backbone(models.vgg16, models.VGG16_Weights.IMAGENET1K_V1, "features"),
+    "vgg16": Pinned(models.VGG16_Weights.IMAGENET1K_V1, "features", DEFAULT_INPUT_SIZE),
     # layer4: the last residual stage -> 2048 x 8 x 7 at 245 x 200
-    "resnet50": Backbone(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "layer4"),
+    "resnet50": Pinned(models.ResNet50_Weights.IMAGENET1K_V2, "layer4", DEFAULT_INPUT_SIZE),
 }
-RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Curated:
+    """A row of `python -m extract --list-backbones` (tests check each figure but the speed)."""
+
+    backbone: str
+    layer: str  # the default cut
+    input_size: tuple[int, int]  # the default (H, W)
+    shape: tuple[int, ...]  # the default cut's features at the default input size
+    global_shape: tuple[int, ...] | None  # `--layer global`'s vector (timm only)
+    images_per_s: float  # benchmarks/extract_speed.py, pipeline img/s (see README)
+
+
+# images/s: `python benchmarks/extract_speed.py` (pipeline img/s), 2026-11-27 10:20-10:45, on the
+# 2-core CPU at load 4.9-8 (other jobs running; resnet50 made 19.9 img/s at load 1.8, so expect
+# about 4x these on a quiet machine), random init, batch 32, real images
+CURATED = (
+    Curated("vgg16", "features", (245, 200), (512, 7, 6), None, 3.8),
+    Curated("resnet50", "layer4", (245, 200), (2048, 8, 7), None, 4.7),
+    Curated("densenet201", "relu", (224, 224), (1920, 7, 7), None, 1.5),
+    Curated("convnext_tiny", "features", (224, 224), (768, 7, 7), None, 5.4),
+    Curated("timm:vit_base_patch16_clip_quickgelu_224.openai", "blocks.11", (224, 224),
+            (768, 14, 14), (512,), 2.6),
+    Curated("timm:vit_small_patch14_dinov2.lvd142m", "blocks.11", (518, 518), (384, 37, 37),
+            (384,), 1.0),
+)
 
 
 class WeightsUnavailable(UserError, RuntimeError):
     """The requested weights cannot be had; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One model as its library describes it."""
+
+    name: str  # canonical: a torchvision model name, or timm:<model>.<tag>
+    input_size: tuple[int, int]  # (H, W): its weights' own, the default
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # how its weights' preprocessing resizes: bilinear or bicubic
+    weights_id: str  # names its published weights: a torchvision enum, or a hub repository
+    weights_word: str  # what `--weights pretrained` is recorded as: imagenet or pretrained
+    layer: str | None  # the default cut; None: found on probe inputs (torchvision)
+    fixed_input_size: bool  # timm: built for one input size (ViTs); rebuilt for another
+
+
+def resolve_backbone(name: str) -> Backbone:
+    """What the library says about `--backbone name`; an unknown name is refused with how to
+    find valid ones."""
+    if name.startswith(TIMM):
+        return _timm_backbone(name.removeprefix(TIMM))
+    if name not in models.list_models(module=models):
+        raise UserError(_unknown_backbone(name, models.list_models(module=models)))
+    pinned = PINNED.get(name)
+    weights = pinned.weights if pinned else models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    height, width = (transform.crop_size * 2)[:2]  # [224] or [H, W]
+    return Backbone(
+        name=name, input_size=pinned.input_size if pinned else (height, width),
+        mean=tuple(transform.mean), std=tuple(transform.std),
+        interpolation=_interpolation(name, transform.interpolation.value),
+        weights_id=f"{type(weights).__name__}.{weights.name}", weights_word="imagenet",
+        layer=pinned.layer if pinned else None, fixed_input_size=False,
+    )
+
+
+def _timm_backbone(model_name: str) -> Backbone:
+    try:
+        with torch.device("meta"):  # the architecture and its config, no weights, no compute
+            model = timm.create_model(model_name, pretrained=False)
+    except RuntimeError as error:  # "Unknown model (x)", "Invalid pretrained tag (x) for y"
+        architecture, tag = timm.models.split_model_name_tag(model_name)
+        if timm.is_model(architecture) and tag:
+            tags = [t.removeprefix(architecture) for t in timm.list_pretrained(architecture + ".*")]
+            raise UserError(f"timm has no weights {tag!r} for {architecture}; its pretrained tags: "
+                            f"{', '.join(tags) or 'none'}") from None
+        raise UserError(_unknown_backbone(TIMM + model_name, timm.list_models(),
+                                          str(error))) from None
+    config = timm.data.resolve_model_data_config(model)
+    pretrained = model.pretrained_cfg
+    tag = pretrained.get("tag")
+    source = (f"hf-hub:{pretrained['hf_hub_id']}" if pretrained.get("hf_hub_id")
+              else pretrained.get("url") or "none")
+    return Backbone(
+        name=TIMM + pretrained["architecture"] + (f".{tag}" if tag else ""),
+        input_size=tuple(config["input_size"][1:]), mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=_interpolation(TIMM + model_name, config["interpolation"]),
+        weights_id=source, weights_word="pretrained",
+        layer=model.feature_info[-1]["module"] if getattr(model, "feature_info", None) else GLOBAL,
+        fixed_input_size=bool(pretrained.get("fixed_input_size")),
+    )
+
+
+def _interpolation(backbone: str, name: str) -> str:
+    if name not in INTERPOLATIONS:
+        raise UserError(f"{backbone} resizes its inputs with {name!r} interpolation; tll resizes "
+                        f"with {' or '.join(INTERPOLATIONS)} only")
+    return name
+
+
+def _unknown_backbone(name: str, known: list[str], detail: str = "") -> str:
+    bare = name.removeprefix(TIMM)
+    close = difflib.get_close_matches(bare, known, n=3)
+    prefix = TIMM if name.startswith(TIMM) else ""
+    return (f"unknown backbone {name!r}" + (f" ({detail})" if detail else "")
+            + (f"; did you mean {', '.join(prefix + c for c in close)}?" if close else "")
+            + ". --backbone takes a torchvision classification model (python -c 'import "
+            "torchvision; print(torchvision.models.list_models(module=torchvision.models))') or "
+            "timm:<model>[.<pretrained tag>] (python -c \"import timm; "
+            "print(timm.list_pretrained('*clip*'))\"); `python -m extract --list-backbones` "
+            "shows a curated few")
 
 
 @dataclass(frozen=True)
@@ -47,37 +180,40 @@ class TrunkSpec:
 
     backbone: str
     layer: str
-    weights: str  # "imagenet", "none" or the absolute path of a state dict
-    weights_id: str  # the torchvision enum name, "random-init seed N", or "sha256:<hex>"
+    weights: str  # "imagenet" | "pretrained", "none" or the absolute path of a state dict
+    weights_id: str  # a torchvision enum name, a hub id, "random-init seed N", or "sha256:<hex>"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    input_size: tuple[int, int]  # (H, W) fed to the trunk
+    interpolation: str  # how `load_image` resizes to input_size
 
     @classmethod
-    def resolve(cls, backbone: str, layer: str | None, weights: str) -> TrunkSpec:
-        if backbone not in BACKBONES:
-            raise UserError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
-        entry = BACKBONES[backbone]
-        if weights == "imagenet":
-            weights_id = f"{type(entry.weights).__name__}.{entry.weights.name}"
+    def resolve(cls, backbone: str, layer: str | None = None, weights: str = "pretrained",
+                input_size: tuple[int, int] | None = None) -> TrunkSpec:
+        """The spec of `--backbone --layer --weights --input-size`; None: the model's own."""
+        entry = resolve_backbone(backbone)
+        if weights in PRETRAINED:
+            weights, weights_id = entry.weights_word, entry.weights_id
         elif weights == "none":
             weights_id = f"random-init seed {RANDOM_INIT_SEED}"
         else:
             path = Path(weights).expanduser()
             if not path.is_file():
-                raise WeightsUnavailable(f"weights file {path} does not exist "
-                                         "(--weights takes imagenet, none or a state-dict path)")
+                raise WeightsUnavailable(f"weights file {path} does not exist (--weights takes "
+                                         "pretrained, none or the path of a state dict)")
             # absolute, so that export finds it from any folder
             weights, weights_id = str(path.resolve()), file_id(path)
-        transform = entry.weights.transforms()
-        return cls(backbone, layer or entry.default_layer, weights, weights_id,
-                   tuple(transform.mean), tuple(transform.std))
-
+        return cls(entry.name, layer or entry.layer or _default_cut(entry), weights, weights_id,
+                   entry.mean, entry.std, tuple(input_size or entry.input_size),
+                   entry.interpolation)
 
     @classmethod
     def from_metadata(cls, meta: dict) -> TrunkSpec:
-        """The spec recorded in a cache's (or a checkpoint's) metadata."""
+        """The spec recorded in a cache's (or a checkpoint's) metadata; one written before
+        interpolation was recorded resized bilinearly."""
         return cls(meta["backbone"], meta["layer"], meta["weights"], meta["weights_id"],
-                   tuple(meta["mean"]), tuple(meta["std"]))
+                   tuple(meta["mean"]), tuple(meta["std"]), tuple(meta["input_size"]),
+                   meta.get("interpolation", DEFAULT_INTERPOLATION))
 
     def with_weights_file(self, path: str | Path) -> TrunkSpec:
         """The same trunk with its state dict found at `path` (moved since extraction); refused
@@ -99,86 +235,239 @@ def file_id(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _default_cut(entry: Backbone) -> str:
+    """A torchvision model's last spatial feature map before global pooling: the last graph
+    node with a 4-D output that grows with the input (adaptive and global pooling's do not),
+    found on probe inputs of a random-init model at its own input size and 32 pixels more. A
+    model that takes only its own size is probed once, and any map larger than 1 x 1 counts.
+    Named by the module it ends where it ends one (layer4, features), else by the node."""
+    model = _seeded(models.get_model_builder(entry.name))
+    nodes = get_graph_node_names(model)[1]
+    every_node = create_feature_extractor(model, {node: node for node in nodes})
+
+    def shapes_at(size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+        with torch.inference_mode():
+            outputs = every_node(torch.zeros(1, 3, *size))
+        return {n: tuple(t.shape) for n, t in outputs.items() if isinstance(t, torch.Tensor)}
+
+    height, width = entry.input_size
+    own = shapes_at((height, width))
+    try:
+        larger = shapes_at((height + 32, width + 32))
+    except (RuntimeError, AssertionError, ValueError):  # "Wrong image height!": one size only
+        larger = None
+    maps = [n for n, shape in own.items() if len(shape) == 4
+            and (shape[2:] != larger[n][2:] if larger else shape[2] * shape[3] > 1)]
+    if not maps or any(len(own[n]) == 3 for n in list(own)[list(own).index(maps[-1]):]):
+        # a vision transformer's only map is its patch embedding; its blocks work on tokens
+        raise UserError(f"{entry.name} has no spatial feature map to cut at by default (its "
+                        "blocks work on token sequences): use a timm ViT (timm:<model>, maps "
+                        "and --layer global), or --layer NODE")
+    node = maps[-1]
+    parts = node.split(".")
+    for depth in range(1, len(parts)):
+        module = ".".join(parts[:depth])
+        if [n for n in nodes if n.startswith(module + ".")][-1] == node:
+            return module
+    return node
+
+
+def _seeded(builder) -> nn.Module:
+    """A random-init model; a fixed seed makes `--weights none` one particular trunk, rebuilt
+    identically on resume and export."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return builder()
+
+
 class Trunk(nn.Module):
-    """Frozen conv trunk: image (N, 3, H, W) RGB in [0, 1] -> feature map (N, C, h, w)."""
+    """Frozen trunk: image (N, 3, H, W) RGB in [0, 1] -> a feature map (N, C, h, w) or a
+    vector (N, D)."""
 
     def __init__(self, spec: TrunkSpec):
         super().__init__()
         self.spec = spec
-        model = _build(spec)
-        nodes = get_graph_node_names(model)[1]
-        if spec.layer not in nodes and not any(n.startswith(spec.layer + ".") for n in nodes):
-            # the names a user would pass: modules and their direct children (layer4, features.29)
-            usable = dict.fromkeys(".".join(n.split(".")[:depth])
-                                   for n in nodes for depth in (1, 2))
-            raise UserError(f"{spec.backbone} has no node {spec.layer!r}; its nodes include: "
-                            f"{', '.join(usable)}")
-        self.body = create_feature_extractor(model, {spec.layer: "features"})
+        if spec.backbone.startswith(TIMM):
+            self.body = _TimmCut(_build_timm(spec), spec)
+        else:
+            self.body = _torchvision_cut(_build_torchvision(spec), spec)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.eval()
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.body((image - self.mean) / self.std)["features"]
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W)
+        return self.body((image - self.mean) / self.std)  # (N, C, h, w) or (N, D)
 
-    def output_shape(self, input_size: tuple[int, int]) -> tuple[int, int, int]:
-        """(C, h, w) of the feature map for an (H, W) input, found by one forward pass; an input
-        too small for the trunk is refused with the smallest square one it takes."""
-        if not self._runs_at(input_size):
-            raise UserError(f"input size {input_size[0]} x {input_size[1]} is too small for "
-                            f"{self.spec.backbone} {self.spec.layer}: it needs at least "
-                            f"{self._smallest_square()} x {self._smallest_square()}")
+    def output_shape(self) -> tuple[int, ...]:
+        """(C, h, w) of the feature map or (D,) of the vector at the spec's input size, found by
+        one forward pass. An input size the model does not take is refused: too small, with the
+        smallest square it takes; or not its own, for a model that takes one size only."""
+        height, width = self.spec.input_size
+        name = f"{self.spec.backbone} {self.spec.layer}"
+        problem = self._problem_at((height, width))
+        if problem and self._problem_at((height + 64, width + 64)) is None:
+            raise UserError(f"input size {height} x {width} is too small for {name}: it needs at "
+                            f"least {self._smallest_square()} x {self._smallest_square()}")
+        if problem:
+            raise UserError(f"{name} does not take input size {height} x {width} ({problem}); "
+                            "it takes its own only: leave --input-size out")
         with torch.inference_mode():
-            probe = torch.zeros(1, 3, *input_size, device=self.mean.device)
-            return tuple(self(probe).shape[1:])
+            shape = tuple(self(torch.zeros(1, 3, height, width, device=self.mean.device)).shape)
+        if len(shape) not in (2, 4):
+            raise UserError(f"{name} gives features of shape {shape[1:]} per image: neither a map "
+                            "(C, h, w) nor a vector (D,) (a transformer's tokens?); choose "
+                            "another --layer")
+        return shape[1:]
 
-    def _runs_at(self, input_size: tuple[int, int]) -> bool:
+    def _problem_at(self, input_size: tuple[int, int]) -> str | None:
+        """Why the trunk does not run at `input_size`; None where it does."""
         if min(input_size) < 1:
-            return False
+            return "an empty image"
         try:
             with torch.inference_mode():
                 self(torch.zeros(1, 3, *input_size, device=self.mean.device))
-        except RuntimeError:  # "Output size is too small", "Kernel size can't be greater"
-            return False
-        return True
+        except (RuntimeError, AssertionError, ValueError) as error:
+            # "Output size is too small", "Kernel size can't be greater", "Wrong image height!"
+            return _first_line(error)
+        return None
 
     def _smallest_square(self) -> int:
         """By bisection over square inputs: a handful of forward passes on tiny images."""
         low, high = 0, 16  # runs at high, not at low
-        while not self._runs_at((high, high)):
+        while self._problem_at((high, high)):
             low, high = high, high * 2
         while high - low > 1:
             middle = (low + high) // 2
-            low, high = (low, middle) if self._runs_at((middle, middle)) else (middle, high)
+            low, high = (low, middle) if not self._problem_at((middle, middle)) else (middle, high)
         return high
 
 
-def _build(spec: TrunkSpec) -> nn.Module:
-    entry = BACKBONES[spec.backbone]
+def _torchvision_cut(model: nn.Module, spec: TrunkSpec) -> nn.Module:
+    nodes = get_graph_node_names(model)[1]
+    if spec.layer not in nodes and not any(n.startswith(spec.layer + ".") for n in nodes):
+        # the names a user would pass: modules and their direct children (layer4, features.29)
+        usable = dict.fromkeys(".".join(n.split(".")[:depth]) for n in nodes for depth in (1, 2))
+        raise UserError(f"{spec.backbone} has no node {spec.layer!r}; its nodes include: "
+                        f"{', '.join(usable)}")
+    return _FirstOutput(create_feature_extractor(model, {spec.layer: "features"}))
+
+
+class _FirstOutput(nn.Module):
+    """A torchvision feature extractor giving its one output as a tensor, not a dict."""
+
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)["features"]
+
+
+class _TimmCut(nn.Module):
+    """A timm model cut at one of its feature stages, or at its image embedding (`global`).
+
+    The embedding is the model's own head output where that head is a projection into an
+    embedding space (CLIP's image embedding: 512-d for ViT-B/16), and the pooled features
+    before it where the head is a classifier over ImageNet labels (`pre_logits`) or absent
+    (DINOv2: 0 classes). Which heads classify is timm's own call (`infer_imagenet_subset`).
+    """
+
+    def __init__(self, model: nn.Module, spec: TrunkSpec):
+        super().__init__()
+        self.model = model
+        stages = [info["module"] for info in getattr(model, "feature_info", [])]
+        if spec.layer == GLOBAL:
+            self.stage = None
+            self.pre_logits = (model.num_classes == 0
+                               or timm.data.infer_imagenet_subset(model) is not None)
+            return
+        if spec.layer not in stages:
+            raise UserError(f"{spec.backbone} has no feature stage {spec.layer!r}; --layer takes "
+                            f"{', '.join(stages + [GLOBAL])}")
+        if not hasattr(model, "forward_intermediates"):
+            raise UserError(f"timm's {spec.backbone} gives no feature maps "
+                            "(forward_intermediates); use --layer global")
+        self.stage = stages.index(spec.layer)
+        # drop the blocks after the stage and the head: nothing runs or is exported for them
+        model.prune_intermediate_layers([self.stage], prune_norm=False, prune_head=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W), normalised
+        if self.stage is None:
+            return self.model.forward_head(self.model.forward_features(x),
+                                           pre_logits=self.pre_logits)  # (N, D)
+        return self.model.forward_intermediates(
+            x, indices=[self.stage], norm=True, output_fmt="NCHW", intermediates_only=True,
+        )[0]  # (N, C, h, w)
+
+
+def _build_timm(spec: TrunkSpec) -> nn.Module:
+    entry = resolve_backbone(spec.backbone)
+    name = spec.backbone.removeprefix(TIMM)
+    options = {}
+    if entry.fixed_input_size and spec.input_size != entry.input_size:
+        options["img_size"] = spec.input_size  # its position embedding resampled to this grid
+    try:
+        if spec.weights == "none":
+            return _seeded(lambda: timm.create_model(name, pretrained=False, **options))
+        if spec.weights in PRETRAINED:
+            return _timm_pretrained(name, options)
+        return _timm_from_file(name, _checked_file(spec), options)
+    except TypeError as error:  # `img_size` on a model that takes no other size
+        if "img_size" not in str(error):
+            raise
+        raise UserError(f"{spec.backbone} takes only its own input size {entry.input_size[0]} x "
+                        f"{entry.input_size[1]}: leave --input-size out") from None
+
+
+def _timm_from_file(name: str, path: Path, options: dict) -> nn.Module:
+    """timm's own loading of a local file: its key filters, position-embedding resampling and
+    strict load, with the weights-only unpickler."""
+    try:
+        return timm.create_model(name, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)}, **options)
+    except TypeError:
+        raise
+    except Exception as error:  # not a state dict, truncated, keys or shapes of another model
+        raise WeightsUnavailable(f"weights file {path} is not a state dict that fits timm:{name} "
+                                 f"({_first_line(error)})") from None
+
+
+def _timm_pretrained(name: str, options: dict) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=True, **options)
+    except Exception as error:  # offline, not in the hub cache, a proxy, no such weights
+        import huggingface_hub.constants
+
+        cache = (huggingface_hub.constants.HF_HUB_CACHE
+                 if timm.models.get_pretrained_cfg(name).hf_hub_id
+                 else Path(torch.hub.get_dir()) / "checkpoints")
+        raise WeightsUnavailable(
+            f"cannot get the pretrained weights of timm:{name} from the Hugging Face hub "
+            f"({type(error).__name__}: {_first_line(error)}). "
+            f"Put them in the hub cache {cache} (e.g. `huggingface-cli download` on a machine "
+            "with network, then copy the folder), or pass --weights PATH (a local .safetensors "
+            "or state dict) or --weights none (random init)"
+        ) from None
+
+
+def _build_torchvision(spec: TrunkSpec) -> nn.Module:
+    builder = models.get_model_builder(spec.backbone)
     if spec.weights == "none":
-        # a fixed seed makes "none" one particular trunk, rebuilt identically on resume and export
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            return entry.builder(weights=None)
-    model = entry.builder(weights=None)
-    if spec.weights == "imagenet":
+        return _seeded(builder)
+    model = builder(weights=None)
+    if spec.weights in PRETRAINED:
+        weights = models.get_weight(spec.weights_id)
         try:
-            state = entry.weights.get_state_dict(progress=True, check_hash=True)
+            state = weights.get_state_dict(progress=True, check_hash=True)
         except Exception as error:  # no network, a proxy, a corrupt download: say what to do
             raise WeightsUnavailable(
-                f"cannot get the ImageNet weights of {spec.backbone} ({entry.weights.url}): "
+                f"cannot get the ImageNet weights of {spec.backbone} ({weights.url}): "
                 f"{error}. Put the file in {Path(torch.hub.get_dir()) / 'checkpoints'}, or pass "
                 "--weights PATH (a local state dict) or --weights none (random init)"
             ) from None
     else:
-        path = Path(spec.weights)
-        if not path.is_file():
-            raise WeightsUnavailable(f"weights file {path} does not exist")
-        digest = file_id(path)
-        if digest != spec.weights_id:
-            raise WeightsUnavailable(
-                f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
+        path = _checked_file(spec)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, a pickle of arbitrary objects, truncated
@@ -193,6 +482,22 @@ def _build(spec: TrunkSpec) -> nn.Module:
         raise WeightsUnavailable(f"weights {spec.weights} do not fit {spec.backbone}: "
                                  f"{str(error).splitlines()[0]}") from None
     return model
+
+
+def _checked_file(spec: TrunkSpec) -> Path:
+    """The spec's weights file, refused unless it is the very file it was resolved with."""
+    path = Path(spec.weights)
+    if not path.is_file():
+        raise WeightsUnavailable(f"weights file {path} does not exist")
+    digest = file_id(path)
+    if digest != spec.weights_id:
+        raise WeightsUnavailable(
+            f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,19 +5,23 @@ Schema (version 3)::
 
     /keys            (N,)          utf-8 str  "split/side/id" of every image, sorted: row order
     /features        (N, C, h, w)  float16    the trunk's feature map of each image, contiguous
-                                              (fast fancy-index and slice reads)
-    /features_hflip  (N, C, h, w)  float16    only in a two-view cache (`extract --hflip`): the
-                                              map of each image flipped left to right
+                     or (N, D)                (fast fancy-index and slice reads); or its vector
+                                              (a global embedding, `--layer global`)
+    /features_hflip  like features            only in a two-view cache (`extract --hflip`): the
+                                              features of each image flipped left to right
     /done            (N,)          uint8      1 once a row's features are written (resume)
     /image_sha256    (N,)          utf-8 str  sha256 of the image file each row was computed from
 
-    attributes: schema_version, backbone, layer, weights ("imagenet" | "none" | an absolute path),
-    weights_id (enum name, random-init seed, or sha256 of the file), mean, std (3,),
-    input_size (H, W), feature_shape (C, h, w), views ("identity" [, "hflip"]), dtype,
-    torch_version, torchvision_version, dataset (absolute path), dataset_fingerprint (sha256 of
-    keys and image contents), complete.
+    attributes: schema_version, backbone (a torchvision name or timm:<model>.<tag>), layer,
+    weights ("imagenet" | "pretrained" | "none" | an absolute path), weights_id (enum name, hub
+    id, random-init seed, or sha256 of the file), mean, std (3,), input_size (H, W),
+    interpolation (how images were resized to it: bilinear | bicubic), feature_shape (C, h, w)
+    or (D,), views ("identity" [, "hflip"]), dtype, torch_version, torchvision_version,
+    timm_version, dataset (absolute path), dataset_fingerprint (sha256 of keys and image
+    contents), complete.
 
-Version 2 is version 3 without views: it reads as a one-view cache (views ("identity",)).
+Schema 2 is schema 3 without interpolation, timm_version and views, and maps only: it reads as
+bilinear and one view, and a resume of it stays schema 2.
 
 A cache in progress lives at ``<name>.h5.partial``; it is renamed to ``<name>.h5`` only once every
 row is done, ``complete`` is set and the closed file reads back whole, so a file under the final
@@ -57,17 +61,18 @@ import h5py
 import numpy as np
 
 from extract import UserError, logger
+from extract.data import DEFAULT_INTERPOLATION
 from extract.files import exclusive, no_space
 
 SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (2, 3)
+READABLE_SCHEMAS = (2, SCHEMA_VERSION)
 FEATURE_DTYPE = np.float16
 # each view of the images a cache can hold, and the dataset that holds its maps
 VIEW_DATASETS = {"identity": "features", "hflip": "features_hflip"}
 # what makes two caches interchangeable apart from the images' contents, which are compared
 # row by row (image_sha256); a resume or a reuse must match all of them
 IDENTITY_FIELDS = ("backbone", "layer", "weights_id", "mean", "std", "input_size",
-                   "feature_shape", "views")
+                   "interpolation", "feature_shape", "views")
 DATASETS = ("keys", "features", "done", "image_sha256")
 # at most this many bytes of feature maps in memory at once while a shard is copied in
 MERGE_BYTES = 64 << 20
@@ -86,11 +91,13 @@ class CacheInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_size: tuple[int, int]  # (H, W)
-    feature_shape: tuple[int, int, int]  # (C, h, w)
+    feature_shape: tuple[int, ...]  # (C, h, w) of a map or (D,) of a vector
     dataset: str
     dataset_fingerprint: str
     torch_version: str
     torchvision_version: str
+    interpolation: str = DEFAULT_INTERPOLATION  # absent in schema 2
+    timm_version: str = ""  # absent in schema 2
     views: tuple[str, ...] = ("identity",)  # the image as it is [, flipped left to right]
     dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
@@ -111,12 +118,11 @@ def _read_info(file: h5py.File, path: Path) -> CacheInfo:
     version = attrs.get("schema_version")
     if version not in READABLE_SCHEMAS:
         raise CacheError(f"{path}: cache schema version {version}, this tll reads "
-                         f"{', '.join(map(str, READABLE_SCHEMAS))}; rebuild it with "
+                         f"{' and '.join(map(str, READABLE_SCHEMAS))}; rebuild it with "
                          "`python -m extract ... --overwrite`")
-    defaults = {"views": ["identity"]} if version == 2 else {}
     missing = [f.name for f in dataclasses.fields(CacheInfo)
-               if f.name not in attrs and f.name not in defaults]
-    views = tuple(attrs.get("views", defaults.get("views", ())))
+               if f.name not in attrs and f.default is dataclasses.MISSING]
+    views = tuple(attrs.get("views", ["identity"]))
     missing += [name for name in (*DATASETS, *(VIEW_DATASETS.get(v, v) for v in views))
                 if name not in file]
     if missing:
@@ -124,9 +130,11 @@ def _read_info(file: h5py.File, path: Path) -> CacheInfo:
                          "rebuild it with `python -m extract ... --overwrite`")
     values = {}
     for field in dataclasses.fields(CacheInfo):
-        value = attrs[field.name] if field.name in attrs else defaults[field.name]
-        if isinstance(value, np.ndarray | list):
-            value = tuple(value.tolist() if isinstance(value, np.ndarray) else value)
+        if field.name not in attrs:  # schema 2: the field's default
+            continue
+        value = attrs[field.name]
+        if isinstance(value, np.ndarray):
+            value = tuple(value.tolist())
         elif isinstance(value, np.generic):
             value = value.item()
         values[field.name] = value
@@ -314,7 +322,7 @@ class CacheWriter:
         self.missing = np.flatnonzero(self.file["done"][:] == 0)
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store features (n, V, C, h, w), a map per view, for the ascending row indices
+        """Store features (n, V, *feature_shape), one per view, for the ascending row indices
         `rows` (n,)."""
         assert self.file is not None
         _write_rows(self.file, self.partial, rows, features, self.digests[rows])
@@ -449,7 +457,7 @@ def _refuse_missing(path: Path, keys: list[str], rows: dict) -> None:
 
 
 def read_features(path: str | Path, keys: list[str], view: str = "identity") -> np.ndarray:
-    """Feature maps (len(keys), C, h, w) float16 for `keys`, in their order, of `view` (the
+    """Features (len(keys), *feature_shape) float16 for `keys`, in their order, of `view` (the
     image as it is, or "hflip": flipped left to right, in a two-view cache)."""
     path = Path(path)
     with _open_complete(path) as file:

@@ -30,6 +30,10 @@ from extract import UserError
 
 N_CANDIDATES = 20
 DEFAULT_INPUT_SIZE = (245, 200)  # (H, W): the dataset's native size
+# how an image is resized to a trunk's input size: the trunk's weights say which; caches, runs
+# and models from before this was recorded used bilinear
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+DEFAULT_INTERPOLATION = "bilinear"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TRAIN_COLUMNS = ["left", "right"]
 CANDIDATE_COLUMNS = ["left"] + [f"c{i}" for i in range(N_CANDIDATES)]
@@ -226,17 +230,25 @@ _WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I
                "F": 1}
 
 
-def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_INPUT_SIZE) -> np.ndarray:
+def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_INPUT_SIZE,
+               interpolation: str = DEFAULT_INTERPOLATION) -> np.ndarray:
     """Decode an image upright (EXIF orientation applied) to RGB float32 (3, H, W) in [0, 1]
-    at `size` (H, W). 16-bit and float greyscale keep their depth: scaled, not clipped to 8 bits."""
+    at `size` (H, W), resized whole with `interpolation` (bilinear or bicubic). Never cropped,
+    unlike the weights' own center-crop preprocessing: what makes two images look alike may
+    sit at their edges. 16-bit and float greyscale keep their depth: scaled, not clipped to 8
+    bits."""
     height, width = size
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation {interpolation!r}; choose from "
+                        f"{', '.join(INTERPOLATIONS)}")
+    resample = INTERPOLATIONS[interpolation]
     try:
         with Image.open(path) as image:
             image.load()  # decode fully now, so a truncated file fails here and not later
             image = ImageOps.exif_transpose(image)  # phone photos store "rotate me" in EXIF
             if image.mode in _WIDE_MODES:
                 grey = image if image.mode == "F" else image.convert("F")
-                grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+                grey = grey.resize((width, height), resample)
                 values = np.asarray(grey, dtype=np.float32) / _WIDE_MODES[image.mode]
                 return np.repeat(np.clip(values, 0, 1)[None], 3, axis=0)  # (3, H, W)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -249,7 +261,7 @@ def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_INPUT_SIZE) -> 
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"{path}: cannot read image ({error})") from None
     if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        rgb = rgb.resize((width, height), resample)
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
 
 

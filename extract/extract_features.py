@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import timm
 import torch
 import torch.distributed as dist
 import torchvision
@@ -29,20 +30,26 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from extract import UserPath, logger, user_errors
-from extract.backbones import BACKBONES, Trunk, TrunkSpec, resolve_device
+from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone, resolve_device
 from extract.cache import CacheInfo, CacheWriter, ShardWriter
-from extract.data import DEFAULT_INPUT_SIZE, DataError, Dataset, load_image, read_dataset
+from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
 from extract.torchrun import Ranks, agree, process_group, share, together
 
 DEFAULT_CACHE_DIR = Path("cache")
 
 
-def default_cache_path(spec: TrunkSpec, input_size: tuple[int, int], hflip: bool = False) -> Path:
-    weights = spec.weights if spec.weights in ("imagenet", "none") else Path(spec.weights).stem
-    size = "" if tuple(input_size) == DEFAULT_INPUT_SIZE else f"-{input_size[0]}x{input_size[1]}"
+def default_cache_path(spec: TrunkSpec, hflip: bool = False) -> Path:
+    """cache/<backbone>-<layer>-<weights>[-HxW][-hflip].h5, the size given unless it is the
+    backbone's own (timm:x.y is written timm-x.y)."""
+    weights = (spec.weights if spec.weights in ("imagenet", "pretrained", "none")
+               else Path(spec.weights).stem)
+    height, width = spec.input_size
+    size = "" if spec.input_size == resolve_backbone(spec.backbone).input_size \
+        else f"-{height}x{width}"
+    backbone = spec.backbone.replace(TIMM, TIMM[:-1] + "-")
     views = "-hflip" if hflip else ""
-    return DEFAULT_CACHE_DIR / f"{spec.backbone}-{spec.layer}-{weights}{size}{views}.h5"
+    return DEFAULT_CACHE_DIR / f"{backbone}-{spec.layer}-{weights}{size}{views}.h5"
 
 
 def views_of(hflip: bool) -> tuple[str, ...]:
@@ -70,8 +77,10 @@ def blocks_to_do(rows: int, batch_size: int, missing: np.ndarray) -> list[np.nda
 class _Blocks(TorchDataset):
     """Item i = the rows of blocks[i], decoded: (rows, images, error)."""
 
-    def __init__(self, paths: list[Path], blocks: list[np.ndarray], input_size: tuple[int, int]):
-        self.paths, self.blocks, self.input_size = paths, blocks, input_size
+    def __init__(self, paths: list[Path], blocks: list[np.ndarray], input_size: tuple[int, int],
+                 interpolation: str):
+        self.paths, self.blocks = paths, blocks
+        self.input_size, self.interpolation = input_size, interpolation
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -79,7 +88,8 @@ class _Blocks(TorchDataset):
     def __getitem__(self, index: int):
         rows = self.blocks[index]
         try:
-            images = np.stack([load_image(self.paths[r], self.input_size) for r in rows])
+            images = np.stack([load_image(self.paths[r], self.input_size, self.interpolation)
+                               for r in rows])
         except DataError as error:  # carried to the main process as text: one clean message
             return rows, None, str(error)
         return rows, torch.from_numpy(images), None  # (B, 3, H, W)
@@ -90,8 +100,8 @@ def main(
     data: str | Path,
     out: str | Path | None = None,
     layer: str | None = None,
-    weights: str = "imagenet",
-    input_size: tuple[int, int] = DEFAULT_INPUT_SIZE,
+    weights: str = "pretrained",
+    input_size: tuple[int, int] | None = None,
     device: str = "auto",
     batch_size: int = 32,
     workers: int | None = None,
@@ -100,25 +110,27 @@ def main(
     overwrite: bool = False,
 ) -> Path:
     """Extract (or finish extracting, or update) the cache and return its path; with `hflip`
-    also every image's map flipped left to right (a two-view cache). Under torchrun every
-    process calls this, and each computes its share of the blocks."""
+    also every image's features flipped left to right (a two-view cache). `layer` and
+    `input_size` None: the backbone's own. Under torchrun every process calls this, and each
+    computes its share of the blocks."""
     torch_device = resolve_device(device)
     ranks = Ranks.from_environment()
+    input_size = tuple(input_size) if input_size else None
     if ranks is not None:
         return _main_ranked(ranks, torch_device, backbone, data, out, layer, weights,
-                            tuple(input_size), batch_size, workers, amp, hflip, overwrite)
+                            input_size, batch_size, workers, amp, hflip, overwrite)
     dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size, hflip)
     workers = default_workers(torch_device) if workers is None else workers
     keys = dataset.keys()
-    info = _cache_info(dataset, spec, trunk, input_size, hflip)
+    info = _cache_info(dataset, spec, trunk, hflip)
     _log_start(info, len(keys), out)
     # everything so far only read; from here on the cache is written, by one process at a time
     with exclusive(out):
         writer = CacheWriter(out, keys, dataset.digests(), info, overwrite=overwrite)
         try:
             if len(writer.missing):
-                _run(trunk, writer, [dataset.images[k] for k in keys], input_size,
-                     torch_device, batch_size, workers, amp)
+                _run(trunk, writer, [dataset.images[k] for k in keys], torch_device,
+                     batch_size, workers, amp)
             else:
                 logger.info("%s is already complete", out)
             return writer.finish()
@@ -127,56 +139,57 @@ def main(
 
 
 def _prepare(backbone: str, data: str | Path, out: str | Path | None, layer: str | None,
-             weights: str, input_size: tuple[int, int],
+             weights: str, input_size: tuple[int, int] | None,
              hflip: bool) -> tuple[Dataset, TrunkSpec, Path, Trunk]:
     """Read and check what the extraction reads, before anything is written: the dataset, the
     trunk, and where the cache goes."""
     dataset = read_dataset(data)
-    spec = TrunkSpec.resolve(backbone, layer, weights)
-    out = Path(out) if out else default_cache_path(spec, input_size, hflip)
+    spec = TrunkSpec.resolve(backbone, layer, weights, input_size)
+    out = Path(out) if out else default_cache_path(spec, hflip)
     check_output(out, "cache", inputs=dataset.files())
     return dataset, spec, out, Trunk(spec)
 
 
-def _cache_info(dataset: Dataset, spec: TrunkSpec, trunk: Trunk,
-                input_size: tuple[int, int], hflip: bool) -> CacheInfo:
+def _cache_info(dataset: Dataset, spec: TrunkSpec, trunk: Trunk, hflip: bool) -> CacheInfo:
     return CacheInfo(
         backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
         weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
-        input_size=tuple(input_size), feature_shape=trunk.output_shape(input_size),
+        input_size=spec.input_size, interpolation=spec.interpolation,
+        feature_shape=trunk.output_shape(),
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
-        views=views_of(hflip),
+        timm_version=str(timm.__version__), views=views_of(hflip),
     )
 
 
 def _log_start(info: CacheInfo, images: int, out: Path) -> None:
-    logger.info("extract %s (%s, weights %s) of %d images%s -> %s, feature map %s",
-                info.backbone, info.layer, info.weights_id, images,
+    logger.info("extract %s (%s, weights %s, %d x %d %s) of %d images%s -> %s, features %s",
+                info.backbone, info.layer, info.weights_id, *info.input_size,
+                info.interpolation, images,
                 " and their left-right flips" if "hflip" in info.views else "", out,
                 info.feature_shape)
 
 
-def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], input_size: tuple[int, int],
-         device: torch.device, batch_size: int, workers: int, amp: bool) -> None:
+def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], device: torch.device,
+         batch_size: int, workers: int, amp: bool) -> None:
     blocks = blocks_to_do(len(paths), batch_size, writer.missing)
     with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
               dynamic_ncols=True) as bar:
-        for rows, features in _computed(trunk, paths, blocks, input_size, device, workers, amp,
+        for rows, features in _computed(trunk, paths, blocks, device, workers, amp,
                                         writer.info.views):
             writer.write(rows, features)
             bar.update(len(rows))
 
 
-def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray],
-              input_size: tuple[int, int], device: torch.device, workers: int,
-              amp: bool, views: tuple[str, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows (B,), features (B, V, C, h, w) float16: a map per view) of each block in turn, the
-    trunk run on `device`; the next blocks are decoded in `workers` processes meanwhile (or
-    inline if 0)."""
-    loader = DataLoader(_Blocks(paths, blocks, input_size), batch_size=None, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device: torch.device,
+              workers: int, amp: bool,
+              views: tuple[str, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows (B,), features (B, V, C, h, w) or (B, V, D) float16: one per view) of each block in
+    turn, the trunk run on `device`; the next blocks are decoded in `workers` processes
+    meanwhile (or inline if 0)."""
+    loader = DataLoader(_Blocks(paths, blocks, trunk.spec.input_size, trunk.spec.interpolation),
+                        batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
     trunk.to(device, memory_format=torch.channels_last)
     for rows, images, error in loader:
         if error:
@@ -186,15 +199,15 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray],
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                     enabled=amp and device.type == "cuda"):
             features = torch.stack([trunk(images.flip(-1) if view == "hflip" else images)
-                                    for view in views], dim=1)  # (B, V, C, h, w)
+                                    for view in views], dim=1)  # (B, V, C, h, w) or (B, V, D)
         # the DataLoader hands the row indices back as a tensor; the cache takes numpy
         yield np.asarray(rows), features.to(torch.float16).cpu().numpy()
 
 
 def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | Path,
                  out: str | Path | None, layer: str | None, weights: str,
-                 input_size: tuple[int, int], batch_size: int, workers: int | None, amp: bool,
-                 hflip: bool, overwrite: bool) -> Path:
+                 input_size: tuple[int, int] | None, batch_size: int, workers: int | None,
+                 amp: bool, hflip: bool, overwrite: bool) -> Path:
     """`main` on one of torchrun's processes."""
     with process_group(ranks, device) as device, contextlib.ExitStack() as held:
         plan = None
@@ -203,7 +216,7 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
                                                  hflip)
             if ranks.master:
                 keys = dataset.keys()
-                info = _cache_info(dataset, spec, trunk, input_size, hflip)
+                info = _cache_info(dataset, spec, trunk, hflip)
                 _log_start(info, len(keys), out)
                 held.enter_context(exclusive(out))
                 # it takes in the shards an interrupted run left, before any rank starts its own
@@ -219,8 +232,7 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
                             "each writing its own shard beside %s", len(todo), batch_size,
                             ranks.world, "es" if ranks.world > 1 else "", dist.get_backend(), out)
             workers = default_workers(device, ranks.local_world) if workers is None else workers
-            _run_ranked(ranks, trunk, out, dataset, digests, info, todo, input_size, device,
-                        workers, amp)
+            _run_ranked(ranks, trunk, out, dataset, digests, info, todo, device, workers, amp)
         elif ranks.master:
             logger.info("%s is already complete", out)
         with together():  # every shard is closed: rank 0 copies them in and finishes the cache
@@ -231,14 +243,14 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
 
 
 def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests: list[str],
-                info: CacheInfo, todo: list[np.ndarray], input_size: tuple[int, int],
-                device: torch.device, workers: int, amp: bool) -> None:
+                info: CacheInfo, todo: list[np.ndarray], device: torch.device, workers: int,
+                amp: bool) -> None:
     """This rank's blocks of `todo` (block b to rank b mod N) into its own shard, in step with
     the other ranks: after each block they add up their progress for rank 0's bar, and stop
     together if one of them failed."""
     keys = dataset.keys()
     mine = _computed(trunk, [dataset.images[k] for k in keys], todo[ranks.rank::ranks.world],
-                     input_size, device, workers, amp, info.views)
+                     device, workers, amp, info.views)
     with contextlib.ExitStack() as held:
         with together():
             shard = held.enter_context(ShardWriter(out, ranks.rank, keys, digests, info))
@@ -256,22 +268,54 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
                 bar.update(agree(error, done))
 
 
+def list_backbones(context: click.Context, _parameter, value: bool) -> None:
+    """--list-backbones: print the curated table and exit."""
+    if not value or context.resilient_parsing:
+        return
+    rows = [("backbone", "default cut (H x W)", "gives", "img/s", "weights from")]
+    for c in CURATED:
+        gives = ("map " if len(c.shape) == 3 else "vector ") + " x ".join(map(str, c.shape))
+        if c.global_shape:
+            gives += f"; global: vector {c.global_shape[0]}"
+        source = ("Hugging Face hub (HF_HOME)" if c.backbone.startswith(TIMM)
+                  else "torchvision download (TORCH_HOME)")
+        rows.append((c.backbone, f"{c.layer} ({c.input_size[0]} x {c.input_size[1]})", gives,
+                     f"{c.images_per_s:.1f}", source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                   .rstrip())
+    click.echo("img/s: the whole extract pipeline on a busy 2-core CPU (load 5-8; about 4x "
+               "that when quiet), random init, batch 32 (benchmarks/extract_speed.py; README). "
+               "Any torchvision classification model or timm:<model>[.<tag>] works too.")
+    context.exit()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--backbone", type=click.Choice(sorted(BACKBONES)), required=True,
-              help="Frozen trunk to run.")
+@click.option("--list-backbones", is_flag=True, is_eager=True, expose_value=False,
+              callback=list_backbones, help="Print a curated list of backbones and exit.")
+@click.option("--backbone", required=True,
+              help="Frozen trunk to run: vgg16, resnet50, any torchvision classification model "
+                   "(densenet201, convnext_tiny, ...) or timm:<model>[.<pretrained tag>] (e.g. "
+                   "timm:vit_base_patch16_clip_quickgelu_224.openai); see --list-backbones.")
 @click.option("--data", type=UserPath(), default=Path("data"),
               help="Dataset folder in the Kaggle layout (train.csv, test_candidates.csv, ...).")
 @click.option("--out", type=UserPath(), default=None,
               help="Cache file [default: cache/<backbone>-<layer>-<weights>[-HxW][-hflip].h5].")
 @click.option("--layer", default=None,
-              help="Graph node to cut at [default: features for vgg16, layer4 for resnet50; "
-                   "e.g. features.29 is vgg16's conv5_3 before its last max-pool].")
-@click.option("--weights", default="imagenet",
-              help="imagenet (torchvision's, from the torch hub cache), none (random init, "
-                   "fixed seed), or the path of a state dict.")
+              help="Where to cut the trunk [default: features for vgg16, layer4 for resnet50, "
+                   "the last spatial map before global pooling for other torchvision models, "
+                   "the last feature stage for timm]. torchvision: a graph node (e.g. "
+                   "features.29 is vgg16's conv5_3 before its last max-pool); timm: a stage "
+                   "(blocks.11, stages.3) or global (the image embedding, a vector).")
+@click.option("--weights", default="pretrained",
+              help="pretrained (torchvision's ImageNet weights from the torch hub cache, or the "
+                   "timm tag's from the Hugging Face hub; imagenet is the same), none (random "
+                   "init, fixed seed), or the path of a state dict or .safetensors file.")
 @click.option("--input-size", type=(click.IntRange(min=1), click.IntRange(min=1)),
-              default=DEFAULT_INPUT_SIZE,
-              help="Image size H W fed to the trunk.")
+              default=None,
+              help="Image size H W fed to the trunk (each image is resized to it whole, never "
+                   "cropped) [default: the model's own; 245 200 for vgg16 and resnet50].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -279,12 +323,12 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
                    "CUDA].")
 @click.option("--amp/--no-amp", default=True, help="float16 autocast on CUDA.")
 @click.option("--hflip", is_flag=True,
-              help="Also store every image's map flipped left to right (a two-view cache: "
+              help="Also store every image's features flipped left to right (a two-view cache: "
                    "head.train draws a view per step and averages both at validation).")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache even if one exists.")
 def cli(**options) -> None:
-    """Run a frozen VGG16/ResNet50 trunk over every image and store its feature maps in an
-    HDF5 cache. Rerun the same command to resume an interrupted extraction."""
+    """Run a frozen trunk over every image and store its feature maps (or vectors) in an HDF5
+    cache. Rerun the same command to resume an interrupted extraction."""
     with user_errors(interrupted="interrupted; rerun the same command to resume"):
         path = main(**options)
     click.echo(path)

@@ -1,8 +1,8 @@
 """`python -m head.export`: trunk(s) + head of a run -> one self-contained ONNX file.
 
 The trunk is rebuilt from the cache metadata in the checkpoint (the same weights, checked by
-name, seed or sha256) and refused if its feature map no longer has the cached shape. The file
-carries its own description in `metadata_props` (what `python -m infer` reads), and is checked
+name, hub id, seed or sha256) and refused if its features no longer have the cached shape. The
+file carries its own description in `metadata_props` (what `python -m infer` reads), and is checked
 against eager torch in ONNX Runtime at two batch sizes before it is kept.
 """
 
@@ -45,10 +45,10 @@ def build_network(checkpoint_path: Path, weights: list[str | Path] = ()
     trunks = []
     for spec, cache in zip(specs, checkpoint["caches"], strict=True):
         trunk = Trunk(spec)
-        shape = trunk.output_shape(tuple(cache["input_size"]))
+        shape = trunk.output_shape()
         if tuple(shape) != tuple(cache["feature_shape"]):
-            raise UserError(f"the rebuilt {spec.backbone} trunk gives feature maps {shape}, but "
-                            f"the head was trained on {tuple(cache['feature_shape'])}")
+            raise UserError(f"the rebuilt {spec.backbone} trunk gives features {shape}, but the "
+                            f"head was trained on {tuple(cache['feature_shape'])}")
         trunks.append(trunk)
     return TLLNet(trunks, head, tuple(checkpoint["views"])).eval(), checkpoint
 
@@ -64,10 +64,14 @@ def describe(checkpoint: dict) -> dict[str, str]:
         "backbone": "+".join(c["backbone"] for c in caches),
         "layer": "+".join(c["layer"] for c in caches),
         "weights": "+".join(c["weights"] for c in caches),
+        "weights_id": "+".join(c["weights_id"] for c in caches),
         "caches": json.dumps(list(config["caches"])),  # as head.train was given them
         "trunks": json.dumps([{k: c[k] for k in ("backbone", "layer", "weights", "weights_id")}
                               for c in caches]),
         "input_size": json.dumps(list(first["input_size"])),  # [H, W], one for every trunk
+        # how infer resizes images to input_size (fused caches share it); a cache from before it
+        # was recorded: bilinear
+        "interpolation": TrunkSpec.from_metadata(first).interpolation,
         "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
         "views": json.dumps(checkpoint["views"]),  # averaged inside the graph
         "head_config": json.dumps(checkpoint["head_config"]),

@@ -2,9 +2,12 @@
 
 Head: for each trunk's feature map, batch norm -> [features layer: 1x1 conv to `features_dim`
 channels, batch norm, ReLU] -> attention -> max-pool to a fixed grid -> flatten -> batch norm;
-the results are concatenated -> [dropout] -> one fully connected layer -> L2-normalised
-embedding. It takes one feature map per trunk, so several caches can feed one model. With
-`features_dim` 0 and `dropout` 0 it is the head of checkpoint format 1, weight for weight.
+for each trunk's vector (a global embedding such as CLIP's, which has no positions to attend
+over or pool), batch norm -> a features layer (linear to `features_dim` or its own width ->
+layer norm -> GELU); the results are concatenated -> [dropout] -> one fully connected layer ->
+L2-normalised embedding. It takes one input per trunk, maps and vectors in any mix, so several
+caches can feed one model. With `features_dim` 0 and `dropout` 0 a map head is the head of
+checkpoint format 1, weight for weight.
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -34,7 +37,7 @@ READABLE_CHECKPOINTS = (1, 2, 3)
 
 @dataclass(frozen=True)
 class HeadConfig:
-    feature_shapes: tuple[tuple[int, int, int], ...]  # (C, h, w) of each trunk's feature map
+    feature_shapes: tuple[tuple[int, ...], ...]  # (C, h, w) of each trunk's map, or (D,)
     embedding_dim: int = 256
     pool: int = 2  # max-pool each map to a pool x pool grid
     attention: str = "spatial"
@@ -46,6 +49,10 @@ class HeadConfig:
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTIONS}")
         object.__setattr__(self, "feature_shapes",
                            tuple(tuple(int(n) for n in shape) for shape in self.feature_shapes))
+        for shape in self.feature_shapes:
+            if len(shape) not in (1, 3):
+                raise ValueError(f"feature shape {shape} is neither a map (C, h, w) nor a "
+                                 "vector (D,)")
 
 
 class SpatialAttention(nn.Module):
@@ -105,14 +112,20 @@ class Head(nn.Module):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
-        self.branches = nn.ModuleList(self._map_branch(c, h, w)
-                                      for c, h, w in config.feature_shapes)
-        flat = sum(self._channels(c) * config.pool ** 2 for c, _, _ in config.feature_shapes)
+        self.branches = nn.ModuleList(self._map_branch(*shape) if len(shape) == 3
+                                      else self._vector_branch(shape[0])
+                                      for shape in config.feature_shapes)
+        flat = sum(self._width(shape) for shape in config.feature_shapes)
         self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(flat, config.embedding_dim)
 
     def _channels(self, trunk_channels: int) -> int:
         return self.config.features_dim or trunk_channels
+
+    def _width(self, shape: tuple[int, ...]) -> int:
+        """What one input's branch gives the FC: channels * pool^2 for a map, channels for a
+        vector."""
+        return self._channels(shape[0]) * (self.config.pool ** 2 if len(shape) == 3 else 1)
 
     def _map_branch(self, c: int, h: int, w: int) -> nn.Sequential:
         """(B, c, h, w) -> (B, channels * pool^2); the layers in checkpoint format 1's order."""
@@ -125,9 +138,18 @@ class Head(nn.Module):
                              GridMaxPool(h, w, config.pool), nn.Flatten(),
                              nn.BatchNorm1d(channels * config.pool ** 2))
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:  # each (B, C_i, h_i, w_i)
+    def _vector_branch(self, dim: int) -> nn.Sequential:
+        """(B, dim) -> (B, channels). The batch norm first for the reason the maps have theirs
+        (large values sharing one direction); then a learnt layer, as the map's attention is,
+        before the shared FC."""
+        channels = self._channels(dim)
+        return nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, channels),
+                             nn.LayerNorm(channels), nn.GELU())
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        # each (B, C_i, h_i, w_i) or (B, D_i)
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
-                         dim=1)  # (B, sum channels_i * pool^2)
+                         dim=1)  # (B, sum of branch widths)
         return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D), unit norm
 
 

@@ -1,8 +1,9 @@
 """`python -m head.train`: train the head on a feature cache, in seconds.
 
-The train images' feature maps are loaded once into one tensor (on the GPU when training
-there) and batches are gathered from it by index; `python -m head.sweep` loads it once for all
-its trials and folds. Validation is laid out like the Kaggle test, in one of two ways:
+The train images' features (maps or vectors) are loaded once into one tensor per cache (on the
+GPU when training there) and batches are gathered from it by index; `python -m head.sweep` loads
+them once for all its trials and folds. Validation is laid out like the Kaggle test, in one of
+two ways:
 
 - one seeded split (`--val-fraction`, `--split-seed`): every epoch is validated and the run keeps
   the best epoch's head;
@@ -92,7 +93,8 @@ class CachedPairs:
     """Every train image's feature map in memory, once per process (a sweep's trials and folds
     share it), and where each image's row is."""
 
-    features: list[torch.Tensor]  # per cache (N, V, C, h, w) float16: every train image's views
+    features: list[torch.Tensor]  # per cache (N, V, C, h, w) or (N, V, D) float16: each image's
+    #                               views
     row: dict[str, int]  # key -> row of each of `features`
     dataset: Dataset
     views: tuple[str, ...]  # what the V views are: ("identity",) or ("identity", "hflip")
@@ -112,7 +114,7 @@ class Fold:
 
 
 # what every fused cache must share: one image feeds every trunk
-FUSED_FIELDS = ("dataset_fingerprint", "input_size")
+FUSED_FIELDS = ("dataset_fingerprint", "input_size", "interpolation")
 
 
 def read_caches(caches: list[Path]) -> list[CacheInfo]:

@@ -40,16 +40,18 @@ from infer.session import ModelInfo, open_session
 DEFAULT_OUT = {"test": Path("submission.csv"), "val": Path("val-report.json")}
 
 
-def embed_images(session, paths: list[Path], input_size: tuple[int, int], batch_size: int,
-                 workers: int = 4) -> np.ndarray:
-    """Unit embeddings (N, D) of `paths`, decoding the next batch while this one runs."""
+def embed_images(session, paths: list[Path], input_size: tuple[int, int], interpolation: str,
+                 batch_size: int, workers: int = 4) -> np.ndarray:
+    """Unit embeddings (N, D) of `paths`, resized as the model was trained (`load_image` with
+    its input size and interpolation), decoding the next batch while this one runs."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     out = []
     with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(1) as prefetch, \
             tqdm(total=len(paths), unit="img", desc="embed", dynamic_ncols=True) as bar:
 
         def decode(batch: list[Path]) -> np.ndarray:
-            return np.stack(list(decoders.map(lambda p: load_image(p, input_size), batch)))
+            return np.stack(list(decoders.map(
+                lambda p: load_image(p, input_size, interpolation), batch)))
 
         pending = prefetch.submit(decode, batches[0])
         for number in range(len(batches)):
@@ -67,7 +69,8 @@ def score_candidates(session, info: ModelInfo, images: dict[str, Path], queries:
     keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
     row = {key: i for i, key in enumerate(keys)}
     logger.info("%d queries, %d unique images", len(queries), len(keys))
-    embeddings = embed_images(session, [images[k] for k in keys], info.input_size, batch_size)
+    embeddings = embed_images(session, [images[k] for k in keys], info.input_size,
+                              info.interpolation, batch_size)
     return candidate_similarities(embeddings, np.array([row[q.left] for q in queries]),
                                   np.array([[row[c] for c in q.candidates] for q in queries]))
 

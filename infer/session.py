@@ -14,6 +14,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from extract import UserError, logger
+from extract.data import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # ONNX Runtime's logger severities: 3 = error, 4 = fatal
@@ -25,6 +26,7 @@ class ModelInfo:
     """What an exported file says about itself (its metadata_props)."""
 
     input_size: tuple[int, int]  # (H, W)
+    interpolation: str  # how images are resized to input_size; bilinear where not recorded
     trunk: str  # backbone, layer and weights, for people to read
     caches: str  # the caches the head was trained on, for people to read
     val_fraction: float | None
@@ -50,8 +52,12 @@ class ModelInfo:
         except (ValueError, TypeError) as error:  # not JSON, not numbers, not two of them
             raise UserError(f"{path} has damaged metadata ({error}); export it again with "
                             "`python -m head.export`") from None
+        interpolation = props.get("interpolation", DEFAULT_INTERPOLATION)
+        if interpolation not in INTERPOLATIONS:
+            raise UserError(f"{path} has damaged metadata (interpolation {interpolation!r}); "
+                            "export it again with `python -m head.export`")
         return cls(
-            input_size=(height, width),
+            input_size=(height, width), interpolation=interpolation,
             trunk=" ".join(props.get(k, "?") for k in ("backbone", "layer", "weights")),
             caches=", ".join(json.loads(props.get("caches", "[]"))) or "?",
             val_fraction=val_fraction, split_seed=split_seed,

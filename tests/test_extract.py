@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 from click.testing import CliRunner
@@ -107,9 +108,9 @@ def test_cache_schema_and_contents(
     path, data = caches[backbone], data_for[backbone]
     dataset = read_dataset(data)
     keys = dataset.keys()
-    spec = TrunkSpec.resolve(backbone, None, "none")
+    spec = TrunkSpec.resolve(backbone, None, "none", SIZE)
     trunk = Trunk(spec)
-    feature_shape = trunk.output_shape(SIZE)
+    feature_shape = trunk.output_shape()
     assert feature_shape[0] == CHANNELS[backbone]
 
     # each cache and the hidden lock file its writer held, nothing else
@@ -139,12 +140,14 @@ def test_cache_schema_and_contents(
         "weights": "none",
         "weights_id": "random-init seed 0",
         "input_size": list(SIZE),
+        "interpolation": "bilinear",
         "feature_shape": list(feature_shape),
         "mean": list(spec.mean),
         "std": list(spec.std),
         "dtype": "float16",
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
+        "timm_version": str(timm.__version__),
         "dataset": str(data.resolve()),
         "dataset_fingerprint": dataset.fingerprint(),
     }
@@ -193,8 +196,19 @@ def test_vgg16_layer_before_last_pool(tiny: Path, caches: dict[str, Path], tmp_p
 
 def test_default_cache_name_says_what_is_in_it() -> None:
     spec = TrunkSpec.resolve("vgg16", "features.29", "none")
-    assert default_cache_path(spec, (245, 200)) == Path("cache/vgg16-features.29-none.h5")
-    assert default_cache_path(spec, (64, 32)) == Path("cache/vgg16-features.29-none-64x32.h5")
+    assert default_cache_path(spec) == Path("cache/vgg16-features.29-none.h5")
+    small = TrunkSpec.resolve("vgg16", "features.29", "none", (64, 32))
+    assert default_cache_path(small) == Path("cache/vgg16-features.29-none-64x32.h5")
+    assert default_cache_path(TrunkSpec.resolve("resnet50", None, "imagenet")) == Path(
+        "cache/resnet50-layer4-imagenet.h5")  # as before backbones came from the libraries
+    assert default_cache_path(TrunkSpec.resolve("resnet50")) == Path(
+        "cache/resnet50-layer4-imagenet.h5")  # pretrained is imagenet for torchvision
+    clip = TrunkSpec.resolve("timm:vit_base_patch16_clip_quickgelu_224.openai", "global")
+    assert default_cache_path(clip) == Path(
+        "cache/timm-vit_base_patch16_clip_quickgelu_224.openai-global-pretrained.h5")
+    dino = TrunkSpec.resolve("timm:vit_small_patch14_dinov2", None, "none", (224, 224))
+    assert default_cache_path(dino) == Path(
+        "cache/timm-vit_small_patch14_dinov2.lvd142m-blocks.11-none-224x224.h5")
 
 
 # --- reuse, refusal, overwrite ------------------------------------------------------------------
@@ -692,5 +706,5 @@ def test_help_lists_the_options() -> None:
         "--help",
     ):
         assert option in result.output
-    assert "[resnet50|vgg16]" in result.output
+    assert "--list-backbones" in result.output and "timm:<model>" in result.output
     assert "resume" in result.output

@@ -168,6 +168,30 @@ def test_features_layer_and_dropout() -> None:
         torch.testing.assert_close(head(maps), head(maps))  # and is off at inference
 
 
+def test_vector_head_and_a_mix_of_maps_and_vectors() -> None:
+    """A vector (a global embedding) goes through its features layer, not attention and
+    pooling; a head of a map and a vector takes both, and both count."""
+    torch.manual_seed(0)
+    vector_head = Head(HeadConfig(feature_shapes=((512,),), embedding_dim=32)).eval()
+    assert [type(m) for m in vector_head.branches[0]] == [
+        torch.nn.BatchNorm1d, torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GELU]
+    generator = torch.Generator().manual_seed(1)
+    vectors = torch.randn(4, 512, generator=generator)
+    maps = torch.rand(4, *REAL_SHAPES["vgg16"], generator=generator)
+    mixed = Head(HeadConfig(feature_shapes=(REAL_SHAPES["vgg16"], (512,)),
+                            embedding_dim=32)).eval()
+    assert mixed.fc.in_features == 512 * 2 ** 2 + 512
+    with torch.no_grad():
+        for out in (vector_head(vectors), mixed(maps, vectors)):
+            assert out.shape == (4, 32)
+            torch.testing.assert_close(out.norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+        assert (vector_head(vectors)[0] - vector_head(vectors)[1]).abs().max() > 1e-3
+        assert (mixed(maps, vectors * 2) - mixed(maps, vectors)).abs().max() > 1e-4
+        assert (mixed(maps * 2, vectors) - mixed(maps, vectors)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"neither a map \(C, h, w\) nor a vector"):
+        HeadConfig(feature_shapes=((8, 2),))
+
+
 def test_unknown_attention_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown attention 'foo'"):
         HeadConfig(feature_shapes=((8, 2, 2),), attention="foo")
@@ -176,8 +200,8 @@ def test_unknown_attention_is_refused() -> None:
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     """A head with non-default config, weights and batch-norm statistics comes back identical
     from the file alone."""
-    config = HeadConfig(feature_shapes=((32, 5, 4), (48, 3, 3)), embedding_dim=12, pool=3,
-                        attention="channel")
+    config = HeadConfig(feature_shapes=((32, 5, 4), (48, 3, 3), (24,)), embedding_dim=12,
+                        pool=3, attention="channel")
     torch.manual_seed(3)
     head = Head(config)
     maps = [torch.rand(6, *shape) for shape in config.feature_shapes]

@@ -71,8 +71,8 @@ def test_flipped_maps_are_the_trunks_on_flipped_images(two_view_cache: Path, tra
 
 def test_hflip_is_part_of_the_cache_name_and_identity(two_view_cache: Path, train_data: Path,
                                                       tmp_path: Path) -> None:
-    spec = TrunkSpec.resolve("resnet50", None, "none")
-    assert default_cache_path(spec, SIZE, hflip=True).name == "resnet50-layer4-none-64x64-hflip.h5"
+    spec = TrunkSpec.resolve("resnet50", None, "none", SIZE)
+    assert default_cache_path(spec, hflip=True).name == "resnet50-layer4-none-64x64-hflip.h5"
     copy = Path(shutil.copy(two_view_cache, tmp_path / "x.h5"))
     with pytest.raises(Exception, match="views"):  # a one-view run over a two-view cache
         extract("resnet50", train_data, out=copy, weights="none", input_size=SIZE,
