@@ -282,29 +282,43 @@ def _seeded(builder) -> nn.Module:
 
 class Trunk(nn.Module):
     """Frozen trunk: image (N, 3, H, W) RGB in [0, 1] -> a feature map (N, C, h, w) or a
-    vector (N, D)."""
+    vector (N, D). Cut at several `layers` of the one model (the spec's own by default), one
+    pass gives them all: `features` returns each layer's, in order."""
 
-    def __init__(self, spec: TrunkSpec):
+    def __init__(self, spec: TrunkSpec, layers: tuple[str, ...] | None = None):
         super().__init__()
         self.spec = spec
+        self.layers = tuple(layers or (spec.layer,))
         if spec.backbone.startswith(TIMM):
-            self.body = _TimmCut(_build_timm(spec), spec)
+            self.body = _TimmCut(_build_timm(spec), spec, self.layers)
         else:
-            self.body = _torchvision_cut(_build_torchvision(spec), spec)
+            self.body = _torchvision_cut(_build_torchvision(spec), spec, self.layers)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.requires_grad_(False)
         self.eval()
 
+    def features(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (N, 3, H, W)
+        """Each layer's features: (N, C, h, w) or (N, D)."""
+        return self.body((image - self.mean) / self.std)
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W)
-        return self.body((image - self.mean) / self.std)  # (N, C, h, w) or (N, D)
+        """The one layer's features (a trunk of several layers: use `features`)."""
+        (features,) = self.features(image)
+        return features  # (N, C, h, w) or (N, D)
 
     def output_shape(self) -> tuple[int, ...]:
-        """(C, h, w) of the feature map or (D,) of the vector at the spec's input size, found by
-        one forward pass. An input size the model does not take is refused: too small, with the
-        smallest square it takes; or not its own, for a model that takes one size only."""
+        """(C, h, w) of the feature map or (D,) of the vector at the spec's input size; a trunk
+        of one layer."""
+        (shape,) = self.output_shapes()
+        return shape
+
+    def output_shapes(self) -> list[tuple[int, ...]]:
+        """Each layer's (C, h, w) or (D,) at the spec's input size, found by one forward pass.
+        An input size the model does not take is refused: too small, with the smallest square
+        it takes; or not its own, for a model that takes one size only."""
         height, width = self.spec.input_size
-        name = f"{self.spec.backbone} {self.spec.layer}"
+        name = f"{self.spec.backbone} {'+'.join(self.layers)}"
         problem = self._problem_at((height, width))
         if problem and self._problem_at((height + 64, width + 64)) is None:
             raise UserError(f"input size {height} x {width} is too small for {name}: it needs at "
@@ -313,12 +327,14 @@ class Trunk(nn.Module):
             raise UserError(f"{name} does not take input size {height} x {width} ({problem}); "
                             "it takes its own only: leave --input-size out")
         with torch.inference_mode():
-            shape = tuple(self(torch.zeros(1, 3, height, width, device=self.mean.device)).shape)
-        if len(shape) not in (2, 4):
-            raise UserError(f"{name} gives features of shape {shape[1:]} per image: neither a map "
-                            "(C, h, w) nor a vector (D,) (a transformer's tokens?); choose "
-                            "another --layer")
-        return shape[1:]
+            outputs = self.features(torch.zeros(1, 3, height, width, device=self.mean.device))
+        shapes = [tuple(output.shape[1:]) for output in outputs]
+        for layer, shape in zip(self.layers, shapes, strict=True):
+            if len(shape) not in (1, 3):
+                raise UserError(f"{self.spec.backbone} {layer} gives features of shape {shape} "
+                                "per image: neither a map (C, h, w) nor a vector (D,) (a "
+                                "transformer's tokens?); choose another --layer")
+        return shapes
 
     def _problem_at(self, input_size: tuple[int, int]) -> str | None:
         """Why the trunk does not run at `input_size`; None where it does."""
@@ -326,7 +342,7 @@ class Trunk(nn.Module):
             return "an empty image"
         try:
             with torch.inference_mode():
-                self(torch.zeros(1, 3, *input_size, device=self.mean.device))
+                self.features(torch.zeros(1, 3, *input_size, device=self.mean.device))
         except (RuntimeError, AssertionError, ValueError) as error:
             # "Output size is too small", "Kernel size can't be greater", "Wrong image height!"
             return _first_line(error)
@@ -343,29 +359,33 @@ class Trunk(nn.Module):
         return high
 
 
-def _torchvision_cut(model: nn.Module, spec: TrunkSpec) -> nn.Module:
+def _torchvision_cut(model: nn.Module, spec: TrunkSpec, layers: tuple[str, ...]) -> nn.Module:
     nodes = get_graph_node_names(model)[1]
-    if spec.layer not in nodes and not any(n.startswith(spec.layer + ".") for n in nodes):
-        # the names a user would pass: modules and their direct children (layer4, features.29)
-        usable = dict.fromkeys(".".join(n.split(".")[:depth]) for n in nodes for depth in (1, 2))
-        raise UserError(f"{spec.backbone} has no node {spec.layer!r}; its nodes include: "
-                        f"{', '.join(usable)}")
-    return _FirstOutput(create_feature_extractor(model, {spec.layer: "features"}))
+    for layer in layers:
+        if layer not in nodes and not any(n.startswith(layer + ".") for n in nodes):
+            # the names a user would pass: modules and their direct children (layer4, features.29)
+            usable = dict.fromkeys(".".join(n.split(".")[:depth])
+                                   for n in nodes for depth in (1, 2))
+            raise UserError(f"{spec.backbone} has no node {layer!r}; its nodes include: "
+                            f"{', '.join(usable)}")
+    names = {layer: f"layer{i}" for i, layer in enumerate(dict.fromkeys(layers))}
+    return _InOrder(create_feature_extractor(model, names), [names[layer] for layer in layers])
 
 
-class _FirstOutput(nn.Module):
-    """A torchvision feature extractor giving its one output as a tensor, not a dict."""
+class _InOrder(nn.Module):
+    """A torchvision feature extractor giving its outputs as a tuple in the layers' order."""
 
-    def __init__(self, extractor: nn.Module):
+    def __init__(self, extractor: nn.Module, names: list[str]):
         super().__init__()
-        self.extractor = extractor
+        self.extractor, self.names = extractor, names
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor(x)["features"]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.extractor(x)
+        return tuple(outputs[name] for name in self.names)
 
 
 class _TimmCut(nn.Module):
-    """A timm model cut at one of its feature stages, or at its image embedding (`global`).
+    """A timm model cut at some of its feature stages, or at its image embedding (`global`).
 
     The embedding is the model's own head output where that head is a projection into an
     embedding space (CLIP's image embedding: 512-d for ViT-B/16), and the pooled features
@@ -373,32 +393,39 @@ class _TimmCut(nn.Module):
     (DINOv2: 0 classes). Which heads classify is timm's own call (`infer_imagenet_subset`).
     """
 
-    def __init__(self, model: nn.Module, spec: TrunkSpec):
+    def __init__(self, model: nn.Module, spec: TrunkSpec, layers: tuple[str, ...]):
         super().__init__()
         self.model = model
         stages = [info["module"] for info in getattr(model, "feature_info", [])]
-        if spec.layer == GLOBAL:
-            self.stage = None
+        if GLOBAL in layers:
+            if len(layers) > 1:
+                raise UserError(f"--layer {GLOBAL} takes the model's whole pass and cannot share "
+                                "it with other layers: extract it on its own")
+            self.stages = None
             self.pre_logits = (model.num_classes == 0
                                or timm.data.infer_imagenet_subset(model) is not None)
             return
-        if spec.layer not in stages:
-            raise UserError(f"{spec.backbone} has no feature stage {spec.layer!r}; --layer takes "
-                            f"{', '.join(stages + [GLOBAL])}")
+        for layer in layers:
+            if layer not in stages:
+                raise UserError(f"{spec.backbone} has no feature stage {layer!r}; --layer takes "
+                                f"{', '.join(stages + [GLOBAL])}")
         if not hasattr(model, "forward_intermediates"):
             raise UserError(f"timm's {spec.backbone} gives no feature maps "
                             "(forward_intermediates); use --layer global")
-        self.stage = stages.index(spec.layer)
-        # drop the blocks after the stage and the head: nothing runs or is exported for them
-        model.prune_intermediate_layers([self.stage], prune_norm=False, prune_head=True)
+        self.stages = [stages.index(layer) for layer in layers]
+        # drop the blocks after the last stage and the head: nothing runs or is exported for them
+        model.prune_intermediate_layers(sorted(set(self.stages)), prune_norm=False,
+                                        prune_head=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W), normalised
-        if self.stage is None:
-            return self.model.forward_head(self.model.forward_features(x),
-                                           pre_logits=self.pre_logits)  # (N, D)
-        return self.model.forward_intermediates(
-            x, indices=[self.stage], norm=True, output_fmt="NCHW", intermediates_only=True,
-        )[0]  # (N, C, h, w)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (N, 3, H, W), normalised
+        if self.stages is None:
+            return (self.model.forward_head(self.model.forward_features(x),
+                                            pre_logits=self.pre_logits),)  # (N, D)
+        indices = sorted(set(self.stages))
+        maps = self.model.forward_intermediates(
+            x, indices=indices, norm=True, output_fmt="NCHW", intermediates_only=True,
+        )  # each (N, C, h, w), in the order of `indices`
+        return tuple(maps[indices.index(stage)] for stage in self.stages)
 
 
 def _build_timm(spec: TrunkSpec) -> nn.Module:

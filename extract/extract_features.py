@@ -15,6 +15,7 @@ and finishes it; extract.torchrun has how an error on one rank stops them all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from extract import UserPath, logger, user_errors
+from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone, resolve_device
 from extract.cache import CacheInfo, CacheWriter, ShardWriter
 from extract.data import DataError, Dataset, load_image, read_dataset
@@ -98,8 +99,8 @@ class _Blocks(TorchDataset):
 def main(
     backbone: str,
     data: str | Path,
-    out: str | Path | None = None,
-    layer: str | None = None,
+    out: str | Path | list[str | Path] | None = None,
+    layer: str | list[str] | None = None,
     weights: str = "pretrained",
     input_size: tuple[int, int] | None = None,
     device: str = "auto",
@@ -108,85 +109,120 @@ def main(
     amp: bool = True,
     hflip: bool = False,
     overwrite: bool = False,
-) -> Path:
+) -> Path | list[Path]:
     """Extract (or finish extracting, or update) the cache and return its path; with `hflip`
     also every image's features flipped left to right (a two-view cache). `layer` and
-    `input_size` None: the backbone's own. Under torchrun every process calls this, and each
-    computes its share of the blocks."""
+    `input_size` None: the backbone's own. Several layers (a list): one pass of the trunk
+    writes one cache per layer, at the paths `out` lists (default names where it is None), and
+    their paths are returned. Under torchrun every process calls this, and each computes its
+    share of the blocks."""
+    layers = [layer] if isinstance(layer, str) or layer is None else list(layer)
+    outs = [out] if isinstance(out, str | Path) or out is None else list(out)
+    if len(layers) > 1 and outs != [None] and len(outs) != len(layers):
+        raise UserError(f"{len(layers)} layers and {len(outs)} --out: give one --out per "
+                        "--layer, in the same order, or none (default names)")
+    if len(set(layers)) < len(layers):
+        raise UserError(f"a layer is given twice: {', '.join(map(str, layers))}")
+    outs = outs if len(outs) == len(layers) else [None] * len(layers)
     torch_device = resolve_device(device)
     ranks = Ranks.from_environment()
     input_size = tuple(input_size) if input_size else None
     if ranks is not None:
-        return _main_ranked(ranks, torch_device, backbone, data, out, layer, weights,
-                            input_size, batch_size, workers, amp, hflip, overwrite)
-    dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size, hflip)
-    workers = default_workers(torch_device) if workers is None else workers
+        paths = _main_ranked(ranks, torch_device, backbone, data, outs, layers, weights,
+                             input_size, batch_size, workers, amp, hflip, overwrite)
+    else:
+        paths = _main(torch_device, backbone, data, outs, layers, weights, input_size,
+                      batch_size, workers, amp, hflip, overwrite)
+    return paths[0] if len(paths) == 1 else paths
+
+
+def _main(device: torch.device, backbone: str, data: str | Path, outs: list, layers: list,
+          weights: str, input_size: tuple[int, int] | None, batch_size: int,
+          workers: int | None, amp: bool, hflip: bool, overwrite: bool) -> list[Path]:
+    dataset, specs, outs, trunk = _prepare(backbone, data, outs, layers, weights, input_size,
+                                           hflip)
+    workers = default_workers(device) if workers is None else workers
     keys = dataset.keys()
-    info = _cache_info(dataset, spec, trunk, hflip)
-    _log_start(info, len(keys), out)
-    # everything so far only read; from here on the cache is written, by one process at a time
-    with exclusive(out):
-        writer = CacheWriter(out, keys, dataset.digests(), info, overwrite=overwrite)
-        try:
-            if len(writer.missing):
-                _run(trunk, writer, [dataset.images[k] for k in keys], torch_device,
-                     batch_size, workers, amp)
-            else:
-                logger.info("%s is already complete", out)
-            return writer.finish()
-        finally:
-            writer.close()
+    infos = _cache_infos(dataset, specs, trunk, hflip)
+    _log_start(infos, len(keys), outs)
+    # everything so far only read; from here on the caches are written, by one process at a time
+    with contextlib.ExitStack() as held:
+        writers = []
+        for out, info in zip(outs, infos, strict=True):
+            held.enter_context(exclusive(out))
+            writers.append(held.enter_context(contextlib.closing(
+                CacheWriter(out, keys, dataset.digests(), info, overwrite=overwrite))))
+        missing = np.unique(np.concatenate([writer.missing for writer in writers]))
+        if len(missing):
+            _run(trunk, writers, [dataset.images[k] for k in keys], missing, device,
+                 batch_size, workers, amp)
+        else:
+            logger.info("%s already complete", " and ".join(map(str, outs)))
+        return [writer.finish() for writer in writers]
 
 
-def _prepare(backbone: str, data: str | Path, out: str | Path | None, layer: str | None,
-             weights: str, input_size: tuple[int, int] | None,
-             hflip: bool) -> tuple[Dataset, TrunkSpec, Path, Trunk]:
+def _prepare(backbone: str, data: str | Path, outs: list, layers: list, weights: str,
+             input_size: tuple[int, int] | None,
+             hflip: bool) -> tuple[Dataset, list[TrunkSpec], list[Path], Trunk]:
     """Read and check what the extraction reads, before anything is written: the dataset, the
-    trunk, and where the cache goes."""
+    trunk (cut at every layer), and where each layer's cache goes."""
     dataset = read_dataset(data)
-    spec = TrunkSpec.resolve(backbone, layer, weights, input_size)
-    out = Path(out) if out else default_cache_path(spec, hflip)
-    check_output(out, "cache", inputs=dataset.files())
-    return dataset, spec, out, Trunk(spec)
+    first = TrunkSpec.resolve(backbone, layers[0], weights, input_size)
+    specs = [dataclasses.replace(first, layer=layer) if layer else first for layer in layers]
+    outs = [Path(out) if out else default_cache_path(spec, hflip)
+            for out, spec in zip(outs, specs, strict=True)]
+    if len(set(outs)) < len(outs):
+        raise UserError(f"two layers would write one cache: {', '.join(map(str, outs))}")
+    for out in outs:
+        check_output(out, "cache", inputs=dataset.files())
+    return dataset, specs, outs, Trunk(first, tuple(spec.layer for spec in specs))
 
 
-def _cache_info(dataset: Dataset, spec: TrunkSpec, trunk: Trunk, hflip: bool) -> CacheInfo:
-    return CacheInfo(
+def _cache_infos(dataset: Dataset, specs: list[TrunkSpec], trunk: Trunk,
+                 hflip: bool) -> list[CacheInfo]:
+    return [CacheInfo(
         backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
         weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
         input_size=spec.input_size, interpolation=spec.interpolation,
-        feature_shape=trunk.output_shape(),
+        feature_shape=shape,
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         timm_version=str(timm.__version__), views=views_of(hflip),
-    )
+    ) for spec, shape in zip(specs, trunk.output_shapes(), strict=True)]
 
 
-def _log_start(info: CacheInfo, images: int, out: Path) -> None:
-    logger.info("extract %s (%s, weights %s, %d x %d %s) of %d images%s -> %s, features %s",
-                info.backbone, info.layer, info.weights_id, *info.input_size,
-                info.interpolation, images,
-                " and their left-right flips" if "hflip" in info.views else "", out,
-                info.feature_shape)
+def _log_start(infos: list[CacheInfo], images: int, outs: list[Path]) -> None:
+    first = infos[0]
+    logger.info("extract %s (weights %s, %d x %d %s) of %d images%s -> %s",
+                first.backbone, first.weights_id, *first.input_size, first.interpolation, images,
+                " and their left-right flips" if "hflip" in first.views else "",
+                "; ".join(f"{info.layer} {info.feature_shape} to {out}"
+                          for info, out in zip(infos, outs, strict=True)))
 
 
-def _run(trunk: Trunk, writer: CacheWriter, paths: list[Path], device: torch.device,
-         batch_size: int, workers: int, amp: bool) -> None:
-    blocks = blocks_to_do(len(paths), batch_size, writer.missing)
+def _run(trunk: Trunk, writers: list[CacheWriter], paths: list[Path], missing: np.ndarray,
+         device: torch.device, batch_size: int, workers: int, amp: bool) -> None:
+    """Compute every block that holds a row some cache misses, and write it to every cache
+    not yet complete (a row it already holds is computed in the same block again, so it is
+    rewritten with the same values)."""
+    blocks = blocks_to_do(len(paths), batch_size, missing)
+    open_writers = [writer for writer in writers if writer.file is not None]
     with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
               dynamic_ncols=True) as bar:
-        for rows, features in _computed(trunk, paths, blocks, device, workers, amp,
-                                        writer.info.views):
-            writer.write(rows, features)
+        for rows, per_layer in _computed(trunk, paths, blocks, device, workers, amp,
+                                         writers[0].info.views):
+            for writer, features in zip(writers, per_layer, strict=True):
+                if writer in open_writers:
+                    writer.write(rows, features)
             bar.update(len(rows))
 
 
 def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device: torch.device,
               workers: int, amp: bool,
-              views: tuple[str, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows (B,), features (B, V, C, h, w) or (B, V, D) float16: one per view) of each block in
-    turn, the trunk run on `device`; the next blocks are decoded in `workers` processes
-    meanwhile (or inline if 0)."""
+              views: tuple[str, ...]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+    """(rows (B,), for each of the trunk's layers features (B, V, C, h, w) or (B, V, D)
+    float16, one per view) of each block in turn, the trunk run once on `device` per view; the
+    next blocks are decoded in `workers` processes meanwhile (or inline if 0)."""
     loader = DataLoader(_Blocks(paths, blocks, trunk.spec.input_size, trunk.spec.interpolation),
                         batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -198,62 +234,67 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device:
             memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
                                                     enabled=amp and device.type == "cuda"):
-            features = torch.stack([trunk(images.flip(-1) if view == "hflip" else images)
-                                    for view in views], dim=1)  # (B, V, C, h, w) or (B, V, D)
-        # the DataLoader hands the row indices back as a tensor; the cache takes numpy
-        yield np.asarray(rows), features.to(torch.float16).cpu().numpy()
+            by_view = [trunk.features(images.flip(-1) if view == "hflip" else images)
+                       for view in views]  # V x (one per layer)
+            per_layer = [torch.stack(layer, dim=1).to(torch.float16).cpu().numpy()
+                         for layer in zip(*by_view, strict=True)]  # (B, V, C, h, w) each
+        # the DataLoader hands the row indices back as a tensor; the caches take numpy
+        yield np.asarray(rows), per_layer
 
 
 def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | Path,
-                 out: str | Path | None, layer: str | None, weights: str,
-                 input_size: tuple[int, int] | None, batch_size: int, workers: int | None,
-                 amp: bool, hflip: bool, overwrite: bool) -> Path:
+                 outs: list, layers: list, weights: str, input_size: tuple[int, int] | None,
+                 batch_size: int, workers: int | None, amp: bool, hflip: bool,
+                 overwrite: bool) -> list[Path]:
     """`main` on one of torchrun's processes."""
     with process_group(ranks, device) as device, contextlib.ExitStack() as held:
-        plan = None
-        with together():  # every rank reads its input; rank 0 also opens the cache
-            dataset, spec, out, trunk = _prepare(backbone, data, out, layer, weights, input_size,
-                                                 hflip)
+        plan, writers = None, []
+        with together():  # every rank reads its input; rank 0 also opens the caches
+            dataset, specs, outs, trunk = _prepare(backbone, data, outs, layers, weights,
+                                                   input_size, hflip)
             if ranks.master:
                 keys = dataset.keys()
-                info = _cache_info(dataset, spec, trunk, hflip)
-                _log_start(info, len(keys), out)
-                held.enter_context(exclusive(out))
-                # it takes in the shards an interrupted run left, before any rank starts its own
-                writer = held.enter_context(contextlib.closing(CacheWriter(
-                    out, keys, dataset.digests(), info, overwrite=overwrite)))
-                plan = (info, dataset.digests(),
-                        blocks_to_do(len(keys), batch_size, writer.missing))
+                infos = _cache_infos(dataset, specs, trunk, hflip)
+                _log_start(infos, len(keys), outs)
+                for out, info in zip(outs, infos, strict=True):
+                    held.enter_context(exclusive(out))
+                    # it takes in the shards an interrupted run left, before any rank starts
+                    writers.append(held.enter_context(contextlib.closing(CacheWriter(
+                        out, keys, dataset.digests(), info, overwrite=overwrite))))
+                missing = np.unique(np.concatenate([writer.missing for writer in writers]))
+                plan = (infos, dataset.digests(), blocks_to_do(len(keys), batch_size, missing))
         # only rank 0 hashes the images: the others get the digests it found
-        info, digests, todo = share(plan)
+        infos, digests, todo = share(plan)
         if todo:
             if ranks.master:
                 logger.info("%d blocks of up to %d images dealt out to %d process%s (%s), "
-                            "each writing its own shard beside %s", len(todo), batch_size,
-                            ranks.world, "es" if ranks.world > 1 else "", dist.get_backend(), out)
+                            "each writing its own shards beside %s", len(todo), batch_size,
+                            ranks.world, "es" if ranks.world > 1 else "", dist.get_backend(),
+                            " and ".join(map(str, outs)))
             workers = default_workers(device, ranks.local_world) if workers is None else workers
-            _run_ranked(ranks, trunk, out, dataset, digests, info, todo, device, workers, amp)
+            _run_ranked(ranks, trunk, outs, dataset, digests, infos, todo, device, workers, amp)
         elif ranks.master:
-            logger.info("%s is already complete", out)
-        with together():  # every shard is closed: rank 0 copies them in and finishes the cache
-            if ranks.master:
+            logger.info("%s already complete", " and ".join(map(str, outs)))
+        with together():  # every shard is closed: rank 0 copies them in and finishes the caches
+            for writer in writers:
                 writer.take_shards()
                 writer.finish()
-    return out
+    return outs
 
 
-def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests: list[str],
-                info: CacheInfo, todo: list[np.ndarray], device: torch.device, workers: int,
-                amp: bool) -> None:
-    """This rank's blocks of `todo` (block b to rank b mod N) into its own shard, in step with
-    the other ranks: after each block they add up their progress for rank 0's bar, and stop
-    together if one of them failed."""
+def _run_ranked(ranks: Ranks, trunk: Trunk, outs: list[Path], dataset: Dataset,
+                digests: list[str], infos: list[CacheInfo], todo: list[np.ndarray],
+                device: torch.device, workers: int, amp: bool) -> None:
+    """This rank's blocks of `todo` (block b to rank b mod N) into its own shard of each cache,
+    in step with the other ranks: after each block they add up their progress for rank 0's
+    bar, and stop together if one of them failed."""
     keys = dataset.keys()
     mine = _computed(trunk, [dataset.images[k] for k in keys], todo[ranks.rank::ranks.world],
-                     device, workers, amp, info.views)
+                     device, workers, amp, infos[0].views)
     with contextlib.ExitStack() as held:
         with together():
-            shard = held.enter_context(ShardWriter(out, ranks.rank, keys, digests, info))
+            shards = [held.enter_context(ShardWriter(out, ranks.rank, keys, digests, info))
+                      for out, info in zip(outs, infos, strict=True)]
         with tqdm(total=sum(len(b) for b in todo), unit="img", desc="extract",
                   dynamic_ncols=True, disable=not ranks.master) as bar:
             for _ in range(-(-len(todo) // ranks.world)):  # a rank past its last block joins in
@@ -261,8 +302,10 @@ def _run_ranked(ranks: Ranks, trunk: Trunk, out: Path, dataset: Dataset, digests
                 try:
                     block = next(mine, None)
                     if block is not None:
-                        shard.write(*block)
-                        done = len(block[0])
+                        rows, per_layer = block
+                        for shard, features in zip(shards, per_layer, strict=True):
+                            shard.write(rows, features)
+                        done = len(rows)
                 except Exception as caught:
                     error = caught
                 bar.update(agree(error, done))
@@ -300,10 +343,12 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
                    "timm:vit_base_patch16_clip_quickgelu_224.openai); see --list-backbones.")
 @click.option("--data", type=UserPath(), default=Path("data"),
               help="Dataset folder in the Kaggle layout (train.csv, test_candidates.csv, ...).")
-@click.option("--out", type=UserPath(), default=None,
-              help="Cache file [default: cache/<backbone>-<layer>-<weights>[-HxW][-hflip].h5].")
-@click.option("--layer", default=None,
-              help="Where to cut the trunk [default: features for vgg16, layer4 for resnet50, "
+@click.option("--out", type=UserPath(), default=None, multiple=True,
+              help="Cache file, one per --layer in its order [default: "
+                   "cache/<backbone>-<layer>-<weights>[-HxW][-hflip].h5].")
+@click.option("--layer", default=None, multiple=True,
+              help="Where to cut the trunk; repeat it to write one cache per layer from one "
+                   "pass of the trunk [default: features for vgg16, layer4 for resnet50, "
                    "the last spatial map before global pooling for other torchvision models, "
                    "the last feature stage for timm]. torchvision: a graph node (e.g. "
                    "features.29 is vgg16's conv5_3 before its last max-pool); timm: a stage "
@@ -329,6 +374,9 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
 def cli(**options) -> None:
     """Run a frozen trunk over every image and store its feature maps (or vectors) in an HDF5
     cache. Rerun the same command to resume an interrupted extraction."""
+    options["layer"] = list(options["layer"]) or None
+    options["out"] = list(options["out"]) or None
     with user_errors(interrupted="interrupted; rerun the same command to resume"):
-        path = main(**options)
-    click.echo(path)
+        paths = main(**options)
+    for path in paths if isinstance(paths, list) else [paths]:
+        click.echo(path)

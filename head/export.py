@@ -8,6 +8,7 @@ against eager torch in ONNX Runtime at two batch sizes before it is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ import onnx
 import torch
 
 from extract import UserError, UserPath, __version__, logger, user_errors
-from extract.backbones import Trunk, TrunkSpec, file_id
+from extract.backbones import GLOBAL, Trunk, TrunkSpec, file_id
 from extract.files import atomic_output, check_output
 from head.model import TLLNet, load_checkpoint
 
@@ -28,9 +29,11 @@ PARITY_BATCHES = (1, 7)
 
 def build_network(checkpoint_path: Path, weights: list[str | Path] = ()
                   ) -> tuple[TLLNet, dict]:
-    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU): one
-    trunk per cache, the head, the views. `weights`: state dicts that have moved since
-    extraction, each standing in for the trunk built with the very same file (by its sha256)."""
+    """The whole network of a run, rebuilt from its checkpoint alone (eval mode, CPU): its
+    trunks, the head, the views. Caches cut from one trunk (the same backbone, weights and input
+    size, other layers) share one pass of it; other caches each get their own. `weights`: state
+    dicts that have moved since extraction, each standing in for the trunk built with the very
+    same file (by its sha256)."""
     head, checkpoint = load_checkpoint(checkpoint_path)
     specs = [TrunkSpec.from_metadata(cache) for cache in checkpoint["caches"]]
     for path in map(Path, weights):
@@ -42,15 +45,30 @@ def build_network(checkpoint_path: Path, weights: list[str | Path] = ()
                             f"({', '.join(spec.weights_id for spec in specs)})")
         for i in matching:
             specs[i] = specs[i].with_weights_file(path)
-    trunks = []
-    for spec, cache in zip(specs, checkpoint["caches"], strict=True):
-        trunk = Trunk(spec)
-        shape = trunk.output_shape()
-        if tuple(shape) != tuple(cache["feature_shape"]):
-            raise UserError(f"the rebuilt {spec.backbone} trunk gives features {shape}, but the "
-                            f"head was trained on {tuple(cache['feature_shape'])}")
-        trunks.append(trunk)
-    return TLLNet(trunks, head, tuple(checkpoint["views"])).eval(), checkpoint
+    groups = shared_trunks(specs)
+    trunks = [Trunk(specs[members[0]], tuple(specs[i].layer for i in members))
+              for members in groups]
+    for trunk, members in zip(trunks, groups, strict=True):
+        for shape, i in zip(trunk.output_shapes(), members, strict=True):
+            expected = tuple(checkpoint["caches"][i]["feature_shape"])
+            if shape != expected:
+                raise UserError(f"the rebuilt {specs[i].backbone} {specs[i].layer} trunk gives "
+                                f"features {shape}, but the head was trained on {expected}")
+    inputs = {i: (t, k) for t, members in enumerate(groups) for k, i in enumerate(members)}
+    net = TLLNet(trunks, head, tuple(checkpoint["views"]),
+                 tuple(inputs[i] for i in range(len(specs))))
+    return net.eval(), checkpoint
+
+
+def shared_trunks(specs: list[TrunkSpec]) -> list[list[int]]:
+    """The specs grouped by the trunk they are cut from (all but the layer alike), as lists of
+    their positions, in order of first appearance. A timm model's global embedding takes the
+    model's whole pass: it shares with nothing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        alone = i if spec.layer == GLOBAL else -1
+        groups.setdefault((dataclasses.replace(spec, layer=""), alone), []).append(i)
+    return list(groups.values())
 
 
 def describe(checkpoint: dict) -> dict[str, str]:

@@ -154,26 +154,36 @@ class Head(nn.Module):
 
 
 class TLLNet(nn.Module):
-    """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm. With
-    views ("identity", "hflip") the image and its left-right flip are embedded and their mean,
-    normalised again, is the embedding: the test-time augmentation head.train validates with."""
+    """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm.
+
+    Each trunk gives one or more of the head's inputs from one pass (`Trunk.features`: several
+    layers of one model); `inputs` says, for each of the head's inputs in order, (which trunk,
+    which of its outputs); by default each trunk gives one input, in order. With views
+    ("identity", "hflip") the image and its left-right flip are embedded and their mean,
+    normalised again, is the embedding: the test-time augmentation head.train validates with.
+    """
 
     def __init__(self, trunks: list[nn.Module], head: Head,
-                 views: tuple[str, ...] = ("identity",)):
+                 views: tuple[str, ...] = ("identity",),
+                 inputs: tuple[tuple[int, int], ...] | None = None):
         super().__init__()
         if set(views) - {"identity", "hflip"} or "identity" not in views:
             raise ValueError(f"unknown views {views}; the image as it is must be one of them")
         self.trunks = nn.ModuleList(trunks)
         self.head = head
         self.views = tuple(views)
+        self.inputs = tuple(inputs or ((i, 0) for i in range(len(trunks))))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        embeddings = [self.head(*[trunk(image.flip(-1) if view == "hflip" else image)
-                                  for trunk in self.trunks])
+        embeddings = [self._embed(image.flip(-1) if view == "hflip" else image)
                       for view in self.views]  # V x (N, D)
         if len(embeddings) == 1:
             return embeddings[0]
         return F.normalize(torch.stack(embeddings).mean(dim=0), dim=1)  # (N, D)
+
+    def _embed(self, image: torch.Tensor) -> torch.Tensor:
+        outputs = [trunk.features(image) for trunk in self.trunks]  # one pass each
+        return self.head(*[outputs[trunk][output] for trunk, output in self.inputs])
 
 
 def save_checkpoint(path: Path, head: Head, **description) -> None:
