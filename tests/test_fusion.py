@@ -11,6 +11,8 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from extract import UserError
+from extract.cache import read_features, read_info, read_keys
 from extract.extract_features import main as extract
 from head.export import main as export
 from head.model import load_checkpoint
@@ -82,3 +84,56 @@ def test_caches_that_do_not_fit_are_refused(other: str, train_cache: Path, train
 def test_the_same_cache_twice_is_refused(train_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="given twice"):
         train([train_cache, train_cache], name="x", runs_dir=tmp_path / "runs", **SETTINGS)
+
+
+# --- several layers of one trunk: one pass to extract, one pass in the exported graph ---------
+
+
+@pytest.fixture(scope="module")
+def two_layers(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """vgg16's conv4_3 block (features.22: 512 x 8 x 8) and pool5 (features: 512 x 2 x 2) of
+    the small synthetic set at 64 x 64, from one extract pass."""
+    folder = tmp_path_factory.mktemp("layers")
+    return extract("vgg16", synthetic, layer=["features.22", "features"],
+                   out=[folder / "conv4_3.h5", folder / "pool5.h5"], weights="none",
+                   input_size=SIZE, device="cpu", batch_size=16, workers=0)
+
+
+def test_two_layers_from_one_pass_equal_two_extractions(two_layers: list[Path], synthetic: Path,
+                                                        tmp_path: Path) -> None:
+    for path, layer in zip(two_layers, ["features.22", "features"], strict=True):
+        alone = extract("vgg16", synthetic, layer=layer, out=tmp_path / f"{layer}.h5",
+                        weights="none", input_size=SIZE, device="cpu", batch_size=16, workers=0)
+        keys = read_keys(alone)
+        assert read_keys(path) == keys
+        assert read_features(path, keys).tobytes() == read_features(alone, keys).tobytes()
+        info, alone_info = read_info(path), read_info(alone)
+        assert info.layer == layer and info.feature_shape == alone_info.feature_shape
+    assert [read_info(p).feature_shape for p in two_layers] == [(512, 8, 8), (512, 2, 2)]
+
+
+def test_two_layers_of_one_trunk_export_as_one_pass(two_layers: list[Path], synthetic: Path,
+                                                    tmp_path: Path) -> None:
+    """The fused model of two layers of one trunk runs the trunk once: vgg16's 13 convolutions,
+    not 26 (the head's attention is off, so every Conv in the graph is the trunk's)."""
+    run = train(two_layers, name="layers", runs_dir=tmp_path / "runs", epochs=1, batch_size=8,
+                val_fraction=0.85, device="cpu", attention="none", embedding_dim=16)
+    model = export(run)  # with its parity check at batch 1 and 7
+    graph = onnx.load(str(model)).graph
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    nested = [node for function in onnx.load(str(model)).functions for node in function.node
+              if node.op_type == "Conv"]
+    assert len(convs) + len(nested) == 13
+    props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
+    assert props["layer"] == "features.22+features"
+    assert infer(model, synthetic, out=tmp_path / "s.csv", device="cpu").is_file()
+
+
+def test_layers_and_outs_must_match(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="2 layers and 1 --out"):
+        extract("vgg16", tiny, layer=["features.22", "features"], out=[tmp_path / "a.h5"],
+                weights="none", input_size=SIZE, device="cpu")
+    with pytest.raises(UserError, match="a layer is given twice"):
+        extract("vgg16", tiny, layer=["features", "features"], weights="none",
+                input_size=SIZE, device="cpu")
+    assert list(tmp_path.iterdir()) == []
