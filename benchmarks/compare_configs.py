@@ -1,0 +1,131 @@
+"""Head configurations side by side, each scored by k-fold cross-validation as `head.train
+--folds K` scores it: the measurements behind head.train's defaults (the training levers) and
+the fusion table in the README. Quality, not speed, though seconds per epoch are printed too.
+
+    .venv/bin/python benchmarks/compare_configs.py levers --cache cache/X-hflip.h5
+    .venv/bin/python benchmarks/compare_configs.py fusion --cache NAME=PATH [--cache ...] \\
+        --combination NAME[+NAME...] [...]
+
+`levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
+images as they are) and the levers one at a time and together, on one two-view cache (`extract
+--hflip`). `fusion` runs each combination of the named caches (one alone, or several fused).
+Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
+each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
+epoch by that mean, after the default assignment, +- its standard error; the plain top-2 beside
+it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import click
+import common  # noqa: F401  (sets TQDM_DISABLE before the project's modules import tqdm)
+import torch
+
+from head.train import (
+    TrainConfig,
+    best_epoch,
+    cross_validate,
+    head_config_for,
+    load_pairs,
+    read_caches,
+    validation_folds,
+)
+
+# the levers of issue 12, against the head before them
+LEVERS = {
+    "before (triplet, no features layer, no dropout, no flip)": {},
+    "+ features layer 256": {"features_dim": 256},
+    "+ dropout 0.2": {"dropout": 0.2},
+    "+ flip views": {"flip": True},
+    "+ InfoNCE (T 0.07)": {"loss": "infonce"},
+    "InfoNCE + flip + dropout 0.2": {"loss": "infonce", "flip": True, "dropout": 0.2},
+    "InfoNCE + flip + dropout 0.2 + features 256": {"loss": "infonce", "flip": True,
+                                                   "dropout": 0.2, "features_dim": 256},
+}
+BEFORE = {"loss": "triplet", "features_dim": 0, "dropout": 0.0, "flip": False}
+
+
+def score(caches: list[Path], configs: dict[str, dict], folds: int, epochs: int, seed: int,
+          split_seed: int) -> list[tuple[str, dict, float]]:
+    """(name, the best epoch's summary, seconds per epoch) of each configuration."""
+    infos = read_caches(caches)
+    pairs = load_pairs(caches, infos, None, torch.device("cpu"))
+    base = TrainConfig(caches=tuple(map(str, caches)), name="compare", folds=folds,
+                       epochs=epochs, seed=seed, split_seed=split_seed, device="cpu")
+    fold_list = validation_folds(pairs, base)
+    results = []
+    for name, options in configs.items():
+        config = dataclasses.replace(base, **options)
+        started = time.perf_counter()
+        history = cross_validate(fold_list, head_config_for(infos, config), config,
+                                 progress=False)
+        seconds = (time.perf_counter() - started) / epochs
+        best = best_epoch(history, config)
+        results.append((name, best, seconds))
+        click.echo(f"  {name}: {row(best, seconds)}", err=True)
+    return results
+
+
+def row(best: dict, seconds: float) -> str:
+    figures = [f"{best[k]:.3f} +- {best[k + '_se']:.3f}" for k in ("top2_assigned", "top2")]
+    return f"{figures[0]} | {figures[1]} | {best['epoch']} | {seconds:.1f}"
+
+
+def table(title: str, results: list[tuple[str, dict, float]]) -> None:
+    click.echo(f"\n{title}\n")
+    click.echo("| configuration | top-2, assigned | top-2, plain | epoch | s/epoch (all folds) |")
+    click.echo("|---|---|---|---|---|")
+    for name, best, seconds in results:
+        click.echo(f"| {name} | {row(best, seconds)} |")
+
+
+@click.group()
+def cli() -> None:
+    """Head configurations scored by k-fold cross-validation."""
+
+
+def common_options(function):
+    for option in (click.option("--folds", default=5, show_default=True),
+                   click.option("--epochs", default=10, show_default=True),
+                   click.option("--seed", default=0, show_default=True),
+                   click.option("--split-seed", default=0, show_default=True)):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@click.option("--cache", type=click.Path(exists=True, path_type=Path), required=True,
+              help="A two-view cache (extract --hflip).")
+@common_options
+def levers(cache: Path, folds: int, epochs: int, seed: int, split_seed: int) -> None:
+    """The head before the levers, each lever alone, and together."""
+    configs = {name: {**BEFORE, **options} for name, options in LEVERS.items()}
+    results = score([cache], configs, folds, epochs, seed, split_seed)
+    table(f"{cache}: {folds}-fold, {epochs} epochs, seed {seed}, split seed {split_seed}",
+          results)
+
+
+@cli.command()
+@click.option("--cache", "named", multiple=True, required=True, metavar="NAME=PATH",
+              help="A cache and its name in the table; repeat.")
+@click.option("--combination", "combinations", multiple=True, required=True,
+              metavar="NAME[+NAME...]", help="Caches to fuse (or one alone); repeat.")
+@common_options
+def fusion(named: tuple[str, ...], combinations: tuple[str, ...], folds: int, epochs: int,
+           seed: int, split_seed: int) -> None:
+    """Each combination of caches, alone or fused, with the default head."""
+    paths = dict(text.split("=", 1) for text in named)
+    results = []
+    for combination in combinations:
+        caches = [Path(paths[name]) for name in combination.split("+")]
+        results += score(caches, {combination: {}}, folds, epochs, seed, split_seed)
+    table(f"fusion: {folds}-fold, {epochs} epochs, seed {seed}, split seed {split_seed}",
+          results)
+
+
+if __name__ == "__main__":
+    cli()
