@@ -6,7 +6,9 @@ default cache/<backbone>-<layer>-none.h5), else random float16 feature maps of t
 End to end: the same head trained through the frozen trunk, both images of each pair through
 `Trunk` every step (random pre-decoded images, channels_last, no_grad; then the head's forward,
 loss, backward and AdamW step exactly as train_epoch does); a few steps are timed and
-extrapolated to an epoch. The two alternate round by round; medians are reported.
+extrapolated to an epoch. The heads with the training levers (LEVERS: a 1x1 features layer;
+InfoNCE with dropout) are timed cached in the same rounds. All alternate round by round;
+medians are reported.
 Targets on the 2-core CPU: cached <= 2 s/epoch (VGG16), <= 8 s/epoch (ResNet50), and
 end-to-end / cached >= 1000.
 
@@ -16,6 +18,7 @@ end-to-end / cached >= 1000.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -95,13 +98,19 @@ WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
             "what-if: both": {"pool": True, "threads": 1}}
 
 
+# other heads timed beside the default one (head.train options)
+LEVERS = {"+ features layer 256": {"features_dim": 256},
+          "+ InfoNCE, dropout 0.2": {"loss": "infonce", "dropout": 0.2}}
+
+
 def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig,
                    variant: dict | None = None):
     """A measure: one epoch of train_epoch (the same head and optimizer, epoch after epoch),
     as head.train does it, or under a `what_if` variant."""
     torch.manual_seed(config.seed)
     head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
-                           pool=config.pool, attention=config.attention))
+                           pool=config.pool, attention=config.attention,
+                           features_dim=config.features_dim, dropout=config.dropout))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -177,6 +186,9 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
         trunk(torch.rand(min(TRUNK_CHUNK, 2 * e2e_pairs), 3, *DEFAULT_INPUT_SIZE).contiguous(
             memory_format=torch.channels_last))
     measures = {"cached": cached, "end-to-end": end_to_end}
+    # the levers' heads, in the same rounds: what a features layer or InfoNCE costs an epoch
+    measures |= {name: cached_measure(split, shape, dataclasses.replace(config, **options))
+                 for name, options in LEVERS.items()}
     if what_ifs:
         measures |= {name: cached_measure(split, shape, config, variant)
                      for name, variant in WHAT_IFS.items()}
@@ -193,7 +205,7 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
              f"<= {target:g}", common.verdict(seconds, target, at_least=False),
              common.median(results["end-to-end"]), common.spread(results["end-to-end"]), ratio,
              common.verdict(ratio, TARGET_RATIO)]]
-    for name in WHAT_IFS if what_ifs else ():
+    for name in [*LEVERS, *(WHAT_IFS if what_ifs else ())]:
         seconds = common.median(results[name])
         rows.append([f"  {name}", "", seconds, common.spread(results[name]), f"<= {target:g}",
                      common.verdict(seconds, target, at_least=False), "", "", "", ""])
