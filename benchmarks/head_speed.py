@@ -6,9 +6,9 @@ default cache/<backbone>-<layer>-none.h5), else random float16 feature maps of t
 End to end: the same head trained through the frozen trunk, both images of each pair through
 `Trunk` every step (random pre-decoded images, channels_last, no_grad; then the head's forward,
 loss, backward and AdamW step exactly as train_epoch does); a few steps are timed and
-extrapolated to an epoch. The heads with the training levers (LEVERS: a 1x1 features layer;
-InfoNCE with dropout) are timed cached in the same rounds. All alternate round by round;
-medians are reported.
+extrapolated to an epoch. The head of before the training levers (compare_configs.BEFORE) and
+the default one without its features layer are timed cached in the same rounds. All alternate
+round by round; medians are reported.
 Targets on the 2-core CPU: cached <= 2 s/epoch (VGG16), <= 8 s/epoch (ResNet50), and
 end-to-end / cached >= 1000.
 
@@ -28,14 +28,14 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
+from compare_configs import BEFORE
 
 from extract import UserError
 from extract.backbones import PINNED, Trunk, TrunkSpec
 from extract.cache import read_info
 from extract.data import DEFAULT_INPUT_SIZE
-from head.loss import cosine_triplet_loss
 from head.model import GridMaxPool, Head, HeadConfig
-from head.train import Fold, TrainConfig, load_pairs, make_fold, train_epoch
+from head.train import Fold, TrainConfig, load_pairs, make_fold, pair_loss, train_epoch
 
 PAIRS = 1600  # the real train.csv
 SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200
@@ -99,8 +99,8 @@ WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
 
 
 # other heads timed beside the default one (head.train options)
-LEVERS = {"+ features layer 256": {"features_dim": 256},
-          "+ InfoNCE, dropout 0.2": {"loss": "infonce", "dropout": 0.2}}
+LEVERS = {"head before the levers (triplet, no features layer, no dropout)": BEFORE,
+          "defaults without the features layer": {"features_dim": 0}}
 
 
 def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig,
@@ -118,7 +118,7 @@ def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig
 
     def measure() -> float:
         with what_if(**(variant or {})), common.Timer() as timer:
-            train_epoch(head, optimizer, split, config, next(epochs), generator)
+            train_epoch(head, optimizer, split, config, next(epochs), generator, progress=False)
         return timer.seconds
 
     return measure
@@ -130,7 +130,8 @@ def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainC
     seconds per epoch of PAIRS pairs."""
     torch.manual_seed(config.seed)
     head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
-                           pool=config.pool, attention=config.attention))
+                           pool=config.pool, attention=config.attention,
+                           features_dim=config.features_dim, dropout=config.dropout))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(0)
@@ -143,7 +144,7 @@ def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainC
             features = torch.cat([trunk(chunk) for chunk in images.split(TRUNK_CHUNK)])
         anchors = head(features[:pairs])  # (P, D)
         positives = head(features[pairs:])  # (P, D)
-        loss = cosine_triplet_loss(anchors, positives, config.margin, config.negatives)
+        loss = pair_loss(anchors, positives, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,7 +187,7 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
         trunk(torch.rand(min(TRUNK_CHUNK, 2 * e2e_pairs), 3, *DEFAULT_INPUT_SIZE).contiguous(
             memory_format=torch.channels_last))
     measures = {"cached": cached, "end-to-end": end_to_end}
-    # the levers' heads, in the same rounds: what a features layer or InfoNCE costs an epoch
+    # the old head and the features layer, in the same rounds: what the levers cost an epoch
     measures |= {name: cached_measure(split, shape, dataclasses.replace(config, **options))
                  for name, options in LEVERS.items()}
     if what_ifs:

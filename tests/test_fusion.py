@@ -115,9 +115,11 @@ def test_two_layers_from_one_pass_equal_two_extractions(two_layers: list[Path], 
 def test_two_layers_of_one_trunk_export_as_one_pass(two_layers: list[Path], synthetic: Path,
                                                     tmp_path: Path) -> None:
     """The fused model of two layers of one trunk runs the trunk once: vgg16's 13 convolutions,
-    not 26 (the head's attention is off, so every Conv in the graph is the trunk's)."""
+    not 26 (the head's attention and features layer are off, so every Conv in the graph is the
+    trunk's)."""
     run = train(two_layers, name="layers", runs_dir=tmp_path / "runs", epochs=1, batch_size=8,
-                val_fraction=0.85, device="cpu", attention="none", embedding_dim=16)
+                val_fraction=0.85, device="cpu", attention="none", features_dim=0,
+                embedding_dim=16)
     model = export(run)  # with its parity check at batch 1 and 7
     graph = onnx.load(str(model)).graph
     convs = [node for node in graph.node if node.op_type == "Conv"]

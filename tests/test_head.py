@@ -501,8 +501,8 @@ def test_nan_loss_names_epoch_and_batch(train_cache: Path, tmp_path: Path,
 
     monkeypatch.setattr(train_module, "cosine_triplet_loss", loss_that_breaks)
     runs = tmp_path / "runs"
-    result = invoke(*train_args(train_cache, runs, "--batch-size", "32", "--val-fraction", "0.2",
-                                "--epochs", "3"))
+    result = invoke(*train_args(train_cache, runs, "--loss", "triplet", "--batch-size", "32",
+                                "--val-fraction", "0.2", "--epochs", "3"))
     assert result.exit_code == 1, result.text
     assert "the loss became nan at epoch 2, batch 3" in result.text
     assert runs.is_dir()  # it had started: the temp folder existed and is gone
