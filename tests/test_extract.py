@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -359,24 +360,19 @@ def done_rows(partial: Path) -> int | None:
         return None
 
 
-def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.Popen:
-    """Start `python -m extract` and send it `sig` once its first batch is done but not its last
-    (11 batches of 8, about 0.1 s each on an idle CPU: a window of about 1 s). Should this
-    process be descheduled for that whole window, so that the run ends first (or ends before
-    the signal lands), start over: up to 3 tries."""
-    partial = partial_path(out)
-    total = len(read_dataset(data).keys())
+def stop_midway(start: Callable[[], subprocess.Popen], rows_done: Callable[[], int | None],
+                window: range, stop: Callable[[subprocess.Popen], None], log: Path,
+                what: str) -> subprocess.Popen:
+    """`start()` an extraction and `stop` it once `rows_done()` is in `window`; the stopped
+    process. Should the run end first (this process descheduled for the whole window, or the
+    signal landing late), start over: up to 3 tries."""
     for _ in range(3):
-        out.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
-        process = start_extract(data, out, log)
+        process = start()
         deadline = time.monotonic() + 180
         try:
             while process.poll() is None and time.monotonic() < deadline:
-                done = done_rows(partial) if partial.exists() else None
-                if done is not None and 8 <= done < total:
-                    process.send_signal(sig)
-                    process.wait(timeout=120)
+                if rows_done() in window:
+                    stop(process)
                     if process.returncode == 0:  # it finished before the signal landed
                         break
                     return process
@@ -386,7 +382,26 @@ def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.P
                 process.kill()
                 process.wait()
         assert time.monotonic() < deadline, f"no progress within 180 s:\n{log.read_text()}"
-    pytest.fail(f"the extraction always ended before it could be interrupted:\n{log.read_text()}")
+    pytest.fail(f"the extraction always ended before {what}:\n{log.read_text()}")
+
+
+def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.Popen:
+    """Start `python -m extract` and send it `sig` once its first batch is done but not its last
+    (11 batches of 8, about 0.1 s each on an idle CPU: a window of about 1 s)."""
+    partial = partial_path(out)
+    total = len(read_dataset(data).keys())
+
+    def start_afresh() -> subprocess.Popen:
+        out.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        return start_extract(data, out, log)
+
+    def stop(process: subprocess.Popen) -> None:
+        process.send_signal(sig)
+        process.wait(timeout=120)
+
+    return stop_midway(start_afresh, lambda: done_rows(partial) if partial.exists() else None,
+                       range(8, total), stop, log, "it could be interrupted")
 
 
 def assert_same_cache(path: Path, reference: Path) -> None:

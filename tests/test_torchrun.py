@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from test_extract import assert_same_cache, done_rows
+from test_extract import assert_same_cache, done_rows, stop_midway
 
 from extract import UserError
 from extract.cache import (
@@ -108,34 +108,24 @@ def test_two_processes_write_the_single_process_cache(
 
 def kill_rank_midway(data: Path, out: Path, log: Path) -> subprocess.Popen:
     """Start `torchrun --nproc-per-node 2 -m extract` and SIGKILL rank 1 once it has written a
-    block to its shard but has blocks left (11 blocks of 4 on an idle CPU take about a second).
-    Should the job end before the signal lands, start over: up to 3 tries."""
+    block to its shard but has blocks left (11 blocks of 4 on an idle CPU take about a second)."""
     shard = shard_path(out, 1)
     share = len(read_dataset(data).keys()) // 2
-    for _ in range(3):
+
+    def start_afresh() -> subprocess.Popen:
         for leftover in (out, partial_path(out), *shard_paths(out)):
             leftover.unlink(missing_ok=True)
-        process = start(on_one_machine(2), data, out, log)
-        deadline = time.monotonic() + 180
-        try:
-            while process.poll() is None and time.monotonic() < deadline:
-                done = done_rows(shard) if shard.exists() else None
-                if done is not None and BATCH <= done < share - BATCH:
-                    # rank 1 holds its shard's lock: that names its process
-                    holder = re.match(r"pid (\d+)", lock_holder(lock_file(shard)))
-                    assert holder, lock_holder(lock_file(shard))
-                    os.kill(int(holder[1]), signal.SIGKILL)
-                    finished(process, log)
-                    if process.returncode == 0:  # it finished before the signal landed
-                        break
-                    return process
-                time.sleep(0.02)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        assert time.monotonic() < deadline, f"no progress within 180 s:\n{log.read_text()}"
-    pytest.fail(f"the extraction always ended before rank 1 could be killed:\n{log.read_text()}")
+        return start(on_one_machine(2), data, out, log)
+
+    def stop(process: subprocess.Popen) -> None:
+        # rank 1 holds its shard's lock: that names its process
+        holder = re.match(r"pid (\d+)", lock_holder(lock_file(shard)))
+        assert holder, lock_holder(lock_file(shard))
+        os.kill(int(holder[1]), signal.SIGKILL)
+        finished(process, log)
+
+    return stop_midway(start_afresh, lambda: done_rows(shard) if shard.exists() else None,
+                       range(BATCH, share - BATCH), stop, log, "rank 1 could be killed")
 
 
 @pytest.fixture(scope="module")
