@@ -7,8 +7,8 @@ the fusion table in the README. Quality, not speed, though seconds per epoch are
         --combination NAME[+NAME...] [...]
 
 `levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
-images as they are), the levers one at a time and together, and head.train's defaults, on one
-two-view cache (`extract --hflip`). `fusion` runs each combination of the named caches (one
+images as they are), the levers one at a time and together, and the head the sweep found, on
+one two-view cache (`extract --hflip`). `fusion` runs each combination of the named caches (one
 alone, or several fused).
 Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
 each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
@@ -45,7 +45,17 @@ LEVERS = {
     "+ InfoNCE (T 0.2)": {"loss": "infonce", "temperature": 0.2},
     "all four levers": {"features_dim": 256, "dropout": 0.4, "flip": True, "loss": "infonce",
                         "temperature": 0.2},
+    "flip + dropout 0.4": {"flip": True, "dropout": 0.4},
+    "flip + dropout 0.4 + InfoNCE": {"flip": True, "dropout": 0.4, "loss": "infonce",
+                                     "temperature": 0.2},
 }
+# the 5-fold sweep's trial 0 on the VGG16 cache, rounded, with flip views; and without its
+# features layer
+SWEEP_HEAD = {"loss": "infonce", "temperature": 0.2, "lr": 6e-4, "weight_decay": 5e-4,
+              "embedding_dim": 128, "attention": "channel", "features_dim": 256, "dropout": 0.4,
+              "flip": True}
+SWEPT = {"the sweep's head + flip": SWEEP_HEAD,
+         "the sweep's head + flip, no features layer": {**SWEEP_HEAD, "features_dim": 0}}
 # head.train's defaults before the levers and the sweep
 BEFORE = {"loss": "triplet", "features_dim": 0, "dropout": 0.0, "flip": False, "lr": 1e-4,
           "weight_decay": 1e-4, "embedding_dim": 256, "attention": "spatial"}
@@ -102,11 +112,17 @@ def common_options(function):
 @cli.command()
 @click.option("--cache", type=click.Path(exists=True, path_type=Path), required=True,
               help="A two-view cache (extract --hflip).")
+@click.option("--row", "rows", multiple=True, metavar="NAME",
+              help="Run only this row of the table (repeat) [default: every row].")
 @common_options
-def levers(cache: Path, folds: int, epochs: int, seed: int, split_seed: int) -> None:
-    """The head before the levers, each lever alone, and together."""
-    configs = {name: {**BEFORE, **options} for name, options in LEVERS.items()}
-    configs["head.train's defaults (all four, and the sweep's lr, weight decay, width)"] = {}
+def levers(cache: Path, rows: tuple[str, ...], folds: int, epochs: int, seed: int,
+           split_seed: int) -> None:
+    """The head before the levers, each lever alone and together, and the sweep's head."""
+    configs = {name: {**BEFORE, **options} for name, options in {**LEVERS, **SWEPT}.items()}
+    if unknown := set(rows) - set(configs):
+        raise click.BadParameter(f"no row {sorted(unknown)}; the rows: {list(configs)}",
+                                 param_hint="--row")
+    configs = {name: options for name, options in configs.items() if not rows or name in rows}
     results = score([cache], configs, folds, epochs, seed, split_seed)
     table(f"{cache}: {folds}-fold, {epochs} epochs, seed {seed}, split seed {split_seed}",
           results)

@@ -6,8 +6,8 @@ default cache/<backbone>-<layer>-none.h5), else random float16 feature maps of t
 End to end: the same head trained through the frozen trunk, both images of each pair through
 `Trunk` every step (random pre-decoded images, channels_last, no_grad; then the head's forward,
 loss, backward and AdamW step exactly as train_epoch does); a few steps are timed and
-extrapolated to an epoch. The head of before the training levers (compare_configs.BEFORE) and
-the default one without its features layer are timed cached in the same rounds. All alternate
+extrapolated to an epoch. The default head with a features layer, and the head the sweep found
+(compare_configs.SWEEP_HEAD), are timed cached in the same rounds. All alternate
 round by round; medians are reported.
 Targets on the 2-core CPU: cached <= 2 s/epoch (VGG16), <= 8 s/epoch (ResNet50), and
 end-to-end / cached >= 1000.
@@ -28,7 +28,7 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from compare_configs import BEFORE
+from compare_configs import SWEEP_HEAD
 
 from extract import UserError
 from extract.backbones import PINNED, Trunk, TrunkSpec
@@ -99,8 +99,8 @@ WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
 
 
 # other heads timed beside the default one (head.train options)
-LEVERS = {"head before the levers (triplet, no features layer, no dropout)": BEFORE,
-          "defaults without the features layer": {"features_dim": 0}}
+LEVERS = {"+ features layer 256": {"features_dim": 256},
+          "the sweep's head (InfoNCE, features layer 256, dropout 0.4)": SWEEP_HEAD}
 
 
 def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig,
@@ -187,7 +187,7 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
         trunk(torch.rand(min(TRUNK_CHUNK, 2 * e2e_pairs), 3, *DEFAULT_INPUT_SIZE).contiguous(
             memory_format=torch.channels_last))
     measures = {"cached": cached, "end-to-end": end_to_end}
-    # the old head and the features layer, in the same rounds: what the levers cost an epoch
+    # the levers' heads, in the same rounds: what a features layer or the sweep's head costs
     measures |= {name: cached_measure(split, shape, dataclasses.replace(config, **options))
                  for name, options in LEVERS.items()}
     if what_ifs:
