@@ -26,6 +26,13 @@ class UserError(Exception):
     """Bad input the user can fix. Commands print its message alone and exit with status 1."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error, for a one-line message that quotes it (its type
+    where it has no text)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def setup_logging() -> None:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from extract import UserError
+from extract import UserError, first_line
 from extract.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 TIMM = "timm:"  # the prefix of a timm model name on --backbone
@@ -345,7 +345,7 @@ class Trunk(nn.Module):
                 self.features(torch.zeros(1, 3, *input_size, device=self.mean.device))
         except (RuntimeError, AssertionError, ValueError) as error:
             # "Output size is too small", "Kernel size can't be greater", "Wrong image height!"
-            return _first_line(error)
+            return first_line(error)
         return None
 
     def _smallest_square(self) -> int:
@@ -457,7 +457,7 @@ def _timm_from_file(name: str, path: Path, options: dict) -> nn.Module:
         raise
     except Exception as error:  # not a state dict, truncated, keys or shapes of another model
         raise WeightsUnavailable(f"weights file {path} is not a state dict that fits timm:{name} "
-                                 f"({_first_line(error)})") from None
+                                 f"({first_line(error)})") from None
 
 
 def _timm_pretrained(name: str, options: dict) -> nn.Module:
@@ -471,7 +471,7 @@ def _timm_pretrained(name: str, options: dict) -> nn.Module:
                  else Path(torch.hub.get_dir()) / "checkpoints")
         raise WeightsUnavailable(
             f"cannot get the pretrained weights of timm:{name} from the Hugging Face hub "
-            f"({type(error).__name__}: {_first_line(error)}). "
+            f"({type(error).__name__}: {first_line(error)}). "
             f"Put them in the hub cache {cache} (e.g. `huggingface-cli download` on a machine "
             "with network, then copy the folder), or pass --weights PATH (a local .safetensors "
             "or state dict) or --weights none (random init)"
@@ -499,7 +499,7 @@ def _build_torchvision(spec: TrunkSpec) -> nn.Module:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # not a torch file, a pickle of arbitrary objects, truncated
             raise WeightsUnavailable(f"weights file {path} is not a readable state dict "
-                                     f"({str(error).splitlines()[0]})") from None
+                                     f"({first_line(error)})") from None
         if not isinstance(state, dict):
             raise WeightsUnavailable(f"weights file {path} holds a {type(state).__name__}, not a "
                                      "state dict (save model.state_dict())")
@@ -507,7 +507,7 @@ def _build_torchvision(spec: TrunkSpec) -> nn.Module:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, ValueError) as error:
         raise WeightsUnavailable(f"weights {spec.weights} do not fit {spec.backbone}: "
-                                 f"{str(error).splitlines()[0]}") from None
+                                 f"{first_line(error)}") from None
     return model
 
 
@@ -521,10 +521,6 @@ def _checked_file(spec: TrunkSpec) -> Path:
         raise WeightsUnavailable(
             f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
     return path
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def resolve_device(name: str) -> torch.device:

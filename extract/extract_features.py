@@ -147,12 +147,7 @@ def _main(device: torch.device, backbone: str, data: str | Path, outs: list, lay
     _log_start(infos, len(keys), outs)
     # everything so far only read; from here on the caches are written, by one process at a time
     with contextlib.ExitStack() as held:
-        writers = []
-        for out, info in zip(outs, infos, strict=True):
-            held.enter_context(exclusive(out))
-            writers.append(held.enter_context(contextlib.closing(
-                CacheWriter(out, keys, dataset.digests(), info, overwrite=overwrite))))
-        missing = np.unique(np.concatenate([writer.missing for writer in writers]))
+        writers, missing = _open_writers(held, outs, infos, dataset, overwrite)
         if len(missing):
             _run(trunk, writers, [dataset.images[k] for k in keys], missing, device,
                  batch_size, workers, amp)
@@ -176,6 +171,18 @@ def _prepare(backbone: str, data: str | Path, outs: list, layers: list, weights:
     for out in outs:
         check_output(out, "cache", inputs=dataset.files())
     return dataset, specs, outs, Trunk(first, tuple(spec.layer for spec in specs))
+
+
+def _open_writers(held: contextlib.ExitStack, outs: list[Path], infos: list[CacheInfo],
+                  dataset: Dataset, overwrite: bool) -> tuple[list[CacheWriter], np.ndarray]:
+    """Each cache locked and opened for writing (closed and unlocked with `held`), and the rows
+    (ascending) that any of them still misses."""
+    writers = []
+    for out, info in zip(outs, infos, strict=True):
+        held.enter_context(exclusive(out))
+        writers.append(held.enter_context(contextlib.closing(
+            CacheWriter(out, dataset.keys(), dataset.digests(), info, overwrite=overwrite))))
+    return writers, np.unique(np.concatenate([writer.missing for writer in writers]))
 
 
 def _cache_infos(dataset: Dataset, specs: list[TrunkSpec], trunk: Trunk,
@@ -256,12 +263,8 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
                 keys = dataset.keys()
                 infos = _cache_infos(dataset, specs, trunk, hflip)
                 _log_start(infos, len(keys), outs)
-                for out, info in zip(outs, infos, strict=True):
-                    held.enter_context(exclusive(out))
-                    # it takes in the shards an interrupted run left, before any rank starts
-                    writers.append(held.enter_context(contextlib.closing(CacheWriter(
-                        out, keys, dataset.digests(), info, overwrite=overwrite))))
-                missing = np.unique(np.concatenate([writer.missing for writer in writers]))
+                # they take in the shards an interrupted run left, before any rank starts its own
+                writers, missing = _open_writers(held, outs, infos, dataset, overwrite)
                 plan = (infos, dataset.digests(), blocks_to_do(len(keys), batch_size, missing))
         # only rank 0 hashes the images: the others get the digests it found
         infos, digests, todo = share(plan)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract import UserError
+from extract import UserError, first_line
 
 ATTENTIONS = ("spatial", "channel", "none")
 CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views, and a list of caches
@@ -202,7 +202,7 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, arbitrary pickled objects
-        raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0]}); "
+        raise UserError(f"{path} is not a readable checkpoint ({first_line(error)}); "
                         f"{retrain}") from None
     version = checkpoint.get("format_version") if isinstance(checkpoint, dict) else None
     if version not in READABLE_CHECKPOINTS:
@@ -212,7 +212,7 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
         head = Head(HeadConfig(**checkpoint["head_config"]))
         head.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path} is damaged ({str(error).splitlines()[0]}); {retrain}") from None
+        raise UserError(f"{path} is damaged ({first_line(error)}); {retrain}") from None
     checkpoint.setdefault("views", ["identity"])  # formats 1 and 2: one view
     if "cache" in checkpoint:  # formats 1 and 2: one cache
         checkpoint["caches"] = [checkpoint.pop("cache")]

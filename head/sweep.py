@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 import optuna
 
-from extract import UserError, UserPath, logger, user_errors
+from extract import UserError, UserPath, first_line, logger, user_errors
 from extract.backbones import resolve_device
 from extract.files import atomic_output, check_output, write_text
 from head.loss import LOSSES, NEGATIVES
@@ -225,7 +225,7 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict,
             # the loser finds them made on the next try
             if attempt == STORAGE_ATTEMPTS - 1:
                 raise UserError(f"cannot open the study storage {storage!r}: "
-                                f"{str(error).splitlines()[0]}") from None
+                                f"{first_line(error)}") from None
             time.sleep(0.5 + random.random())
     setting = {"trunks": [[i.backbone, i.layer, i.weights_id, list(i.views)] for i in infos],
                "input_size": list(infos[0].input_size),

@@ -27,6 +27,7 @@ from extract.cache import (
 )
 from head import train as train_module
 from head.export import describe
+from head.loss import cosine_triplet_loss, info_nce_loss
 from head.model import (
     ATTENTIONS,
     GridMaxPool,
@@ -45,6 +46,7 @@ from head.train import (
     embed,
     evaluate,
     load_pairs,
+    pair_loss,
     validation_folds,
 )
 
@@ -332,6 +334,18 @@ def test_evaluate_reports_the_assignment_on_a_known_pool() -> None:
     assert plain == {"top1": pytest.approx(1 / 3), "top2": 1.0, "mrr": pytest.approx(2 / 3)}
     assigned = evaluate(embeddings, split, "hungarian")
     assert assigned["top1_assigned"] == 1.0 and assigned["top1"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("loss", ["triplet", "infonce"])
+def test_pair_loss_is_the_configured_loss(loss: str) -> None:
+    """--loss picks what a training step minimises, with that loss's own settings."""
+    generator = torch.Generator().manual_seed(0)
+    anchors, positives = torch.randn(2, 12, 8, generator=generator)  # (B, D) each
+    config = TrainConfig(caches=("x",), name="x", loss=loss, margin=0.3, negatives="hard",
+                         temperature=0.1)
+    expected = (info_nce_loss(anchors, positives, 0.1) if loss == "infonce"
+                else cosine_triplet_loss(anchors, positives, 0.3, "hard"))
+    assert torch.equal(pair_loss(anchors, positives, config), expected)
 
 
 def _config(cache: Path, **changes) -> TrainConfig:
