@@ -10,14 +10,11 @@ with `then`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -25,81 +22,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import REPO_ROOT
+from hostile import COMMANDS, SMALL, Case, World, run_case
 from PIL import Image
 
 from extract.cache import read_features, read_info, read_keys
 from extract.data import load_image
-from extract.extract_features import cli as extract_cli
 from extract.files import lock_file
-from extract.synth import cli as synth_cli
 from head import model as model_module
-from head.export import cli as export_cli
-from head.train import cli as train_cli
-from infer.predict import cli as infer_cli
-
-COMMANDS = {"extract": extract_cli, "train": train_cli, "export": export_cli,
-            "infer": infer_cli, "synth": synth_cli}
-SMALL = ["--input-size", "32", "32", "--device", "cpu", "--workers", "0"]
-TEMPORARY = re.compile(r"^\..*\.tmp$")
-
-
-def digest(path: Path) -> str:
-    """Content of a file, or of a whole folder (names and contents), as one sha256."""
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    entries = sorted(p for p in path.rglob("*") if p.is_file())
-    listing = "".join(f"{p.relative_to(path)}\t{digest(p)}\n" for p in entries)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
-class World:
-    """What a row's setup works with: its own folder, copies of the shared fixtures to damage,
-    and the list of what must survive."""
-
-    def __init__(self, request: pytest.FixtureRequest, tmp: Path, monkeypatch):
-        self.request, self.tmp, self.monkeypatch = request, tmp, monkeypatch
-        self.kept: dict[Path, str] = {}
-        self.gone: list[Path] = []
-        self.watched: list[Path] = [tmp]  # folders that must hold no temporaries afterwards
-        self.cleanup: list[Callable[[], None]] = []
-
-    def fixture(self, name: str):
-        return self.request.getfixturevalue(name)
-
-    def copy(self, fixture: str, name: str) -> Path:
-        import shutil
-
-        source = Path(self.fixture(fixture))
-        target = self.tmp / name
-        if source.is_dir():
-            return Path(shutil.copytree(source, target))
-        return Path(shutil.copy(source, target))
-
-    def keep(self, *paths: Path) -> None:
-        for path in paths:
-            self.kept[path] = digest(path)
-
-    def data(self) -> Path:
-        return self.copy("synthetic", "data")
-
-    def cache(self, data: Path) -> Path:
-        """A complete resnet50 cache of `data` at 32 x 32."""
-        from extract.extract_features import main as extract
-
-        return extract("resnet50", data, out=self.tmp / "cache" / "r50.h5", weights="none",
-                       input_size=(32, 32), device="cpu", batch_size=32, workers=0)
-
-
-@dataclass(frozen=True)
-class Case:
-    setup: Callable[[World], list]  # -> [command, *arguments]
-    exit_code: int
-    says: tuple[str, ...] = ()  # fragments of the output; "{tmp}" is the row's folder
-    then: Callable[[World], None] | None = None
-    marks: tuple = field(default=())
-
 
 # --- run folders are the user's ---------------------------------------------------------------
 
@@ -635,30 +565,7 @@ CASES: dict[str, Case] = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_hostile_input(case: Case, request: pytest.FixtureRequest, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch) -> None:
-    world = World(request, tmp_path, monkeypatch)
-    try:
-        command, *arguments = case.setup(world)
-        result = CliRunner().invoke(COMMANDS[command], [str(a) for a in arguments])
-    finally:
-        for undo in world.cleanup:
-            undo()
-    text = result.output + (getattr(result, "stderr", "") or "")
-    assert result.exit_code == case.exit_code, text
-    assert "Traceback" not in text
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception,
-                                                                      SystemExit), text
-    pid = (tmp_path / "pid").read_text() if (tmp_path / "pid").exists() else ""
-    for fragment in case.says:
-        assert fragment.format(tmp=tmp_path, pid=pid) in text, (fragment, text)
-    for path, before in world.kept.items():
-        assert path.exists() and digest(path) == before, f"{path} changed or was lost"
-    for path in world.gone:
-        assert not path.exists(), path
-    for folder in world.watched:
-        left = [p for p in folder.rglob(".*") if TEMPORARY.match(p.name)]
-        assert left == [], left
-    if case.then:
-        case.then(world)
+    run_case(case, request, tmp_path, monkeypatch)
 
 
 def test_every_row_names_a_command() -> None:
