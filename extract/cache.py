@@ -407,6 +407,7 @@ class ShardWriter:
                  info: CacheInfo):
         self.path = shard_path(Path(path), rank)
         self.digests = np.array(digests, dtype=object)
+        self.written = False
         with contextlib.ExitStack() as held:
             held.enter_context(exclusive(self.path))
             self.file = _create(self.path, keys, info, row_chunks=True)
@@ -416,9 +417,14 @@ class ShardWriter:
         """Store features (n, V, C, h, w), a map per view, for the ascending row indices
         `rows` (n,)."""
         _write_rows(self.file, self.path, rows, features, self.digests[rows])
+        self.written = True
 
     def close(self) -> None:
+        """Close the shard, and delete it if it holds no row (this rank stopped, or had no
+        block): it would only be left behind. Its lock is released last."""
         self.file.close()
+        if not self.written:
+            self.path.unlink(missing_ok=True)
         self._held.close()
 
     def __enter__(self) -> ShardWriter:

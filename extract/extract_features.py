@@ -35,7 +35,7 @@ from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone,
 from extract.cache import CacheInfo, CacheWriter, ShardWriter
 from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
-from extract.torchrun import Ranks, agree, process_group, share, together
+from extract.torchrun import Ranks, agree, process_group, same_everywhere, share, together
 
 DEFAULT_CACHE_DIR = Path("cache")
 
@@ -255,19 +255,20 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
                  overwrite: bool) -> list[Path]:
     """`main` on one of torchrun's processes."""
     with process_group(ranks, device) as device, contextlib.ExitStack() as held:
-        plan, writers = None, []
-        with together():  # every rank reads its input; rank 0 also opens the caches
+        todo, writers = None, []
+        with together():  # every rank reads its input and resolves what it would write
             dataset, specs, outs, trunk = _prepare(backbone, data, outs, layers, weights,
                                                    input_size, hflip)
+            infos = _cache_infos(dataset, specs, trunk, hflip)
+        same_everywhere(_plan(infos, outs, amp and device.type == "cuda"))
+        with together():  # rank 0 opens the caches
             if ranks.master:
                 keys = dataset.keys()
-                infos = _cache_infos(dataset, specs, trunk, hflip)
                 _log_start(infos, len(keys), outs)
                 # they take in the shards an interrupted run left, before any rank starts its own
                 writers, missing = _open_writers(held, outs, infos, dataset, overwrite)
-                plan = (infos, dataset.digests(), blocks_to_do(len(keys), batch_size, missing))
-        # only rank 0 hashes the images: the others get the digests it found
-        infos, digests, todo = share(plan)
+                todo = blocks_to_do(len(keys), batch_size, missing)
+        todo, digests = share(todo), dataset.digests()  # digests: hashed for the fingerprint
         if todo:
             if ranks.master:
                 logger.info("%d blocks of up to %d images dealt out to %d process%s (%s), "
@@ -283,6 +284,27 @@ def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | 
                 writer.take_shards()
                 writer.finish()
     return outs
+
+
+def _plan(infos: list[CacheInfo], outs: list[Path], amp: bool) -> dict[str, tuple[str, object]]:
+    """What must be the same on every rank, for `same_everywhere`: each entry as the user gave
+    it and as resolved (weights by their content, the dataset by its images', paths real); the
+    rest of a cache's description follows from these."""
+    first = infos[0]
+    return {
+        "was given --backbone": (first.backbone, first.backbone),
+        "was given --weights": (first.weights, first.weights_id),
+        "was given --layer": (", ".join(i.layer for i in infos), [i.layer for i in infos]),
+        "was given --input-size": ("{} x {}".format(*first.input_size), first.input_size),
+        "was given --data": (f"{first.dataset} (images {first.dataset_fingerprint[:12]})",
+                             (first.dataset, first.dataset_fingerprint)),
+        "was given --out": (", ".join(map(str, outs)), [out.resolve() for out in outs]),
+        "was given --hflip": ("yes" if "hflip" in first.views else "no", first.views),
+        "autocasts (--amp on CUDA)": ("yes" if amp else "no", amp),
+        "runs torch, torchvision, timm": (
+            f"{first.torch_version}, {first.torchvision_version}, {first.timm_version}",
+            (first.torch_version, first.torchvision_version, first.timm_version)),
+    }
 
 
 def _run_ranked(ranks: Ranks, trunk: Trunk, outs: list[Path], dataset: Dataset,

@@ -12,13 +12,18 @@ rank reaches whatever happened to it (`together`, `agree`), so bad input ends ev
 same point with the same message, rather than leaving the others waiting. A rank that dies
 outright (killed, out of memory) leaves the others in a collective: gloo sees the closed
 connection at once; NCCL gives up after GROUP_TIMEOUT at the latest; and torchrun stops the rest
-of the job as soon as one of its processes has failed.
+of the job as soon as one of its processes has failed. A survivor that sees it first says so in
+one line (`PeerLost`): the shards keep every row written, so a rerun resumes.
+
+Before any row is computed the ranks compare their plans (`same_everywhere`): a rank given other
+options would otherwise write other features under rank 0's description.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +32,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from extract import UserError
+from extract import UserError, first_line
 
 # the longest a rank waits for the others in one collective; the longest wait is for rank 0
 # while it copies every shard into the cache (about the time to copy the cache's bytes)
@@ -80,6 +85,40 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
+class PeerLost(UserError):
+    """Another rank is gone (killed, crashed): a collective with it failed."""
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """Turn the error of a collective whose peer is gone (gloo: "Connection closed by peer";
+    NCCL: a timeout, torch's RuntimeError either way) into PeerLost."""
+    try:
+        yield
+    except RuntimeError as error:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        peer = f"rank {1 - rank}" if world == 2 else f"another of the {world} ranks"
+        # gloo's first line: "[<its source file>] Connection closed by peer [host]:port. This..."
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]
+        raise PeerLost(f"{peer} stopped ({cause}); the rows written so far are kept: rerun "
+                       "the same command to resume") from None
+
+
+def same_everywhere(plan: dict[str, tuple[str, object]]) -> None:
+    """Collective, on every rank: `plan` maps what a rank was given (e.g. "was given
+    --input-size") to (how to show it, the value that must be equal on every rank). If a rank's
+    plan differs from rank 0's, every rank raises the same UserError naming the first such
+    rank and entry."""
+    plans: list[dict | None] = [None] * dist.get_world_size()
+    with _collective():
+        dist.all_gather_object(plans, plan)
+    for rank, theirs in enumerate(plans[1:], start=1):
+        for entry, (shown, value) in plans[0].items():
+            if theirs[entry][1] != value:
+                raise UserError(f"rank {rank} {entry} {theirs[entry][0]}, rank 0 {shown}: "
+                                "every rank must run the same command")
+
+
 def agree(error: Exception | None, count: int = 0) -> int:
     """Collective, on every rank: the sum of `count` over the ranks. If any rank passes an
     error, every rank raises instead: that rank its own error, the others PeerFailed with the
@@ -87,11 +126,13 @@ def agree(error: Exception | None, count: int = 0) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")
     totals = torch.tensor([count, error is not None], dtype=torch.int64, device=device)
-    dist.all_reduce(totals)
+    with _collective():
+        dist.all_reduce(totals)
     if not totals[1]:
         return int(totals[0])
     messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else _message(error))
+    with _collective():
+        dist.all_gather_object(messages, None if error is None else _message(error))
     if error is not None:
         raise error
     rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
@@ -118,5 +159,6 @@ def together() -> Iterator[None]:
 def share(value: T) -> T:
     """Collective, on every rank: rank 0's `value` (the others pass anything, e.g. None)."""
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
