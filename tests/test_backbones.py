@@ -20,8 +20,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from click.testing import CliRunner
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, invoke_cli
 from PIL import Image
 
 from extract import UserError
@@ -53,9 +52,7 @@ SMALL = {"vgg16": (64, 64), "resnet50": (64, 64), "densenet201": (64, 64),
 
 
 def invoke(*arguments):
-    result = CliRunner().invoke(cli, [str(a) for a in arguments])
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 def embed(trunk: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
