@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import glob
 import math
 import os
@@ -62,7 +61,7 @@ import numpy as np
 
 from extract import UserError, logger
 from extract.data import DEFAULT_INTERPOLATION
-from extract.files import exclusive, no_space
+from extract.files import exclusive, is_disk_full, no_space
 
 SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (2, SCHEMA_VERSION)
@@ -211,7 +210,7 @@ def _write_rows(file: h5py.File, path: Path, rows: np.ndarray, features: np.ndar
         file["done"][block] = 1  # only once its features are on disk
         file.flush()
     except OSError as error:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space" in str(error):
+        if is_disk_full(error, path.parent):
             raise no_space(path) from None
         raise
 
