@@ -1,13 +1,17 @@
 """head.train's figures over epochs and folds, by hand: `summarize` (the mean and standard error
-over folds) and `best_epoch` (the epoch a run keeps), without training anything."""
+over folds) and `best_epoch` (the epoch a run keeps), and the curves' loss axis, without training
+anything."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import matplotlib.axes
 import pytest
 
-from head.train import TrainConfig, best_epoch, summarize
+from head.loss import LOSSES
+from head.train import TrainConfig, best_epoch, plot_curves, summarize
 
 
 def config(assign: str) -> TrainConfig:
@@ -48,3 +52,19 @@ def test_best_epoch_without_validation_is_the_last() -> None:
     history = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.9}]
     assert best_epoch(history, config("sinkhorn")) == history[-1]
     assert best_epoch(history, config("none")) == history[-1]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_the_curves_name_the_configured_loss(loss: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = []
+    original = matplotlib.axes.Axes.set
+
+    def record(self: matplotlib.axes.Axes, **properties):
+        labels.append(properties.get("ylabel"))
+        return original(self, **properties)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", record)
+    plot_curves(HISTORY, {"top2": 0.3}, tmp_path / "curves.png", loss)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert labels[0] == {"triplet": "cosine triplet loss", "infonce": "InfoNCE loss"}[loss]
