@@ -31,7 +31,15 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from extract import UserError, UserPath, logger, user_errors
-from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone, resolve_device
+from extract.backbones import (
+    CURATED,
+    SPEEDS_MEASURED,
+    TIMM,
+    Trunk,
+    TrunkSpec,
+    resolve_backbone,
+    resolve_device,
+)
 from extract.cache import CacheInfo, CacheWriter, ShardWriter
 from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
@@ -331,9 +339,10 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                    .rstrip())
-    click.echo("img/s: the whole extract pipeline on a busy 2-core CPU (load 5-8; about 4x "
-               "that when quiet), random init, batch 32 (benchmarks/extract_speed.py; README). "
-               "Any torchvision classification model or timm:<model>[.<tag>] works too.")
+    click.echo("img/s: the whole extract pipeline, random init, batch 32, measured by "
+               f"benchmarks/extract_speed.py {SPEEDS_MEASURED}; run it for this machine's "
+               "figures (README). Any torchvision classification model or "
+               "timm:<model>[.<tag>] works too.")
     context.exit()
 
 
