@@ -243,6 +243,12 @@ class CacheWriter:
             self.close()
             raise
 
+    @property
+    def is_complete(self) -> bool:
+        """Nothing left to write: the cache was complete and up to date when opened, or
+        `finish` has run (no partial file is open; a writer `close`d unfinished is not asked)."""
+        return self.file is None
+
     def _start(self, overwrite: bool) -> None:
         """Open the cache to write, with `missing` set (file None: complete and up to date)."""
         if self.path.exists() and not overwrite:
@@ -360,7 +366,7 @@ class CacheWriter:
                 logger.warning("%s; deleting it", error)
                 return 0
             self._refuse_other(file, shard)
-            if self.file is None:  # the cache is complete and up to date: nothing to take
+            if self.is_complete:  # and up to date: nothing to take
                 return 0
             stored = np.array(_strings(file["image_sha256"]), dtype=object)
             usable = np.flatnonzero((file["done"][:] == 1) & (self.file["done"][:] == 0)

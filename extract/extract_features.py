@@ -221,7 +221,7 @@ def _run(trunk: Trunk, writers: list[CacheWriter], paths: list[Path], missing: n
     not yet complete (a row it already holds is computed in the same block again, so it is
     rewritten with the same values)."""
     blocks = blocks_to_do(len(paths), batch_size, missing)
-    open_writers = [writer for writer in writers if writer.file is not None]
+    open_writers = [writer for writer in writers if not writer.is_complete]
     with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
               dynamic_ncols=True) as bar:
         for rows, per_layer in _computed(trunk, paths, blocks, device, workers, amp,

@@ -652,6 +652,26 @@ def test_rows_written_out_of_order_read_back(caches: dict[str, Path], tmp_path: 
     assert read_features(out, keys).tobytes() == expected.tobytes()
 
 
+def test_a_writer_says_whether_it_is_complete(caches: dict[str, Path], tmp_path: Path) -> None:
+    """is_complete: nothing left to write, for a cache complete and up to date when opened or
+    once finished; extraction writes only to writers that are not."""
+    info = read_info(caches["resnet50"])
+    keys = read_keys(caches["resnet50"])
+    digests = read_image_digests(caches["resnet50"], keys)
+    out = tmp_path / "x.h5"
+    writer = CacheWriter(out, keys, digests, info)
+    assert not writer.is_complete
+    writer.write(np.arange(len(keys)), read_features(caches["resnet50"], keys)[:, None])
+    assert not writer.is_complete  # every row done, but not yet finished
+    writer.finish()
+    assert writer.is_complete
+    again = CacheWriter(out, keys, digests, info)
+    try:
+        assert again.is_complete and again.missing.size == 0
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["disk full", "quota"])
 def test_a_full_disk_or_quota_while_writing_rows_says_so(
     code: int, caches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
