@@ -72,9 +72,10 @@ class Curated:
     images_per_s: float  # benchmarks/extract_speed.py, pipeline img/s (see README)
 
 
-# images/s: `python benchmarks/extract_speed.py` (pipeline img/s), 2026-11-27 10:20-10:45, on the
-# 2-core CPU at load 4.9-8 (other jobs running; resnet50 made 19.9 img/s at load 1.8, so expect
-# about 4x these on a quiet machine), random init, batch 32, real images
+# images/s: `python benchmarks/extract_speed.py` (pipeline img/s), random init, batch 32, real
+# images; --list-backbones says where and when, so that a reader can tell how old they are
+SPEEDS_MEASURED = ("on 2026-11-27 on a 2-core CPU at load 5-8 (other jobs running; resnet50 "
+                   "made 19.9 img/s at load 1.8, so expect about 4x these on a quiet machine)")
 CURATED = (
     Curated("vgg16", "features", (245, 200), (512, 7, 6), None, 3.8),
     Curated("resnet50", "layer4", (245, 200), (2048, 8, 7), None, 4.7),

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import glob
 import math
 import os
@@ -62,7 +61,7 @@ import numpy as np
 
 from extract import UserError, logger
 from extract.data import DEFAULT_INTERPOLATION
-from extract.files import exclusive, no_space
+from extract.files import exclusive, is_disk_full, no_space
 
 SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (2, SCHEMA_VERSION)
@@ -211,7 +210,7 @@ def _write_rows(file: h5py.File, path: Path, rows: np.ndarray, features: np.ndar
         file["done"][block] = 1  # only once its features are on disk
         file.flush()
     except OSError as error:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space" in str(error):
+        if is_disk_full(error, path.parent):
             raise no_space(path) from None
         raise
 
@@ -243,6 +242,12 @@ class CacheWriter:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def is_complete(self) -> bool:
+        """Nothing left to write: the cache was complete and up to date when opened, or
+        `finish` has run (no partial file is open; a writer `close`d unfinished is not asked)."""
+        return self.file is None
 
     def _start(self, overwrite: bool) -> None:
         """Open the cache to write, with `missing` set (file None: complete and up to date)."""
@@ -361,7 +366,7 @@ class CacheWriter:
                 logger.warning("%s; deleting it", error)
                 return 0
             self._refuse_other(file, shard)
-            if self.file is None:  # the cache is complete and up to date: nothing to take
+            if self.is_complete:  # and up to date: nothing to take
                 return 0
             stored = np.array(_strings(file["image_sha256"]), dtype=object)
             usable = np.flatnonzero((file["done"][:] == 1) & (self.file["done"][:] == 0)

@@ -31,7 +31,15 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from extract import UserError, UserPath, logger, user_errors
-from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone, resolve_device
+from extract.backbones import (
+    CURATED,
+    SPEEDS_MEASURED,
+    TIMM,
+    Trunk,
+    TrunkSpec,
+    resolve_backbone,
+    resolve_device,
+)
 from extract.cache import CacheInfo, CacheWriter, ShardWriter
 from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
@@ -213,7 +221,7 @@ def _run(trunk: Trunk, writers: list[CacheWriter], paths: list[Path], missing: n
     not yet complete (a row it already holds is computed in the same block again, so it is
     rewritten with the same values)."""
     blocks = blocks_to_do(len(paths), batch_size, missing)
-    open_writers = [writer for writer in writers if writer.file is not None]
+    open_writers = [writer for writer in writers if not writer.is_complete]
     with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
               dynamic_ncols=True) as bar:
         for rows, per_layer in _computed(trunk, paths, blocks, device, workers, amp,
@@ -353,9 +361,10 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
                    .rstrip())
-    click.echo("img/s: the whole extract pipeline on a busy 2-core CPU (load 5-8; about 4x "
-               "that when quiet), random init, batch 32 (benchmarks/extract_speed.py; README). "
-               "Any torchvision classification model or timm:<model>[.<tag>] works too.")
+    click.echo("img/s: the whole extract pipeline, random init, batch 32, measured by "
+               f"benchmarks/extract_speed.py {SPEEDS_MEASURED}; run it for this machine's "
+               "figures (README). Any torchvision classification model or "
+               "timm:<model>[.<tag>] works too.")
     context.exit()
 
 

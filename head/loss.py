@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 NEGATIVES = ("all", "hard", "semihard")
 LOSSES = ("triplet", "infonce")
+LOSS_NAMES = {"triplet": "cosine triplet loss", "infonce": "InfoNCE loss"}  # as plots say it
 
 
 def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor,

@@ -45,7 +45,7 @@ from extract.data import (
     validation_split,
 )
 from extract.files import atomic_output, check_output
-from head.loss import LOSSES, NEGATIVES, cosine_triplet_loss, info_nce_loss
+from head.loss import LOSS_NAMES, LOSSES, NEGATIVES, cosine_triplet_loss, info_nce_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
 from infer.scoring import (
     ASSIGN_METHODS,
@@ -466,7 +466,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
         summary = {"config": asdict(config), "caches": [asdict(info) for info in infos],
                    "baseline": baseline, "best": {k: v for k, v in best.items() if k != "folds"}}
         (work / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_curves(history, baseline, work / "curves.png")
+        plot_curves(history, baseline, work / "curves.png", config.loss)
     log_summary(history, baseline, best, config)
     return run
 
@@ -534,9 +534,10 @@ def _figures(record: dict) -> str:
     return "  ".join(parts)
 
 
-def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
-    """Training loss, and validation top-2 per epoch (plain, and assigned where it was run);
-    with cross-validation the mean over folds with a band of one standard error."""
+def plot_curves(history: list[dict], baseline: dict | None, path: Path, loss: str) -> None:
+    """Training loss (`loss`: which one, for the axis), and validation top-2 per epoch (plain,
+    and assigned where it was run); with cross-validation the mean over folds with a band of one
+    standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -545,7 +546,7 @@ def plot_curves(history: list[dict], baseline: dict | None, path: Path) -> None:
     epochs = np.array([r["epoch"] for r in history])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     _plot_with_band(left, epochs, history, "loss", "loss")
-    left.set(xlabel="epoch", ylabel="triplet loss", title="training loss")
+    left.set(xlabel="epoch", ylabel=LOSS_NAMES[loss], title="training loss")
     if baseline:
         for key, label in (("top2", "head"), ("top2_assigned", "head, assigned")):
             if key in baseline:

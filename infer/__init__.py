@@ -1,2 +1,3 @@
 """Stage 3: rank candidates with the exported ONNX model under ONNX Runtime and write Kaggle
-submissions. Imports no torch: numpy, pillow and onnxruntime-gpu are all a deployment needs."""
+submissions. Imports no torch: numpy, scipy, pillow, click, tqdm and onnxruntime-gpu (and the
+`extract` package's shared data layer and errors, which need no more) are all a deployment needs."""

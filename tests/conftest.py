@@ -6,7 +6,9 @@ import os
 import shutil
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner, Result
 
 from extract import logger
 from extract.synth import main as make_synthetic
@@ -21,6 +23,14 @@ REAL_DATA = REPO_ROOT.parent / "shared" / "tll"
 
 SMALL_PAIRS, SMALL_QUERIES = 24, 20  # 88 images
 TINY_PAIRS, TINY_QUERIES = 1, 20  # 42 images: the fewest a synthetic set can have
+
+
+def invoke_cli(cli: click.Command, *arguments) -> Result:
+    """`cli ARGUMENTS` in-process (each argument as text); `result.text` is its stdout and stderr
+    together, which click < 8.2 mixes into `output` and click >= 8.2 keeps apart."""
+    result = CliRunner().invoke(cli, [str(a) for a in arguments])
+    result.text = result.output + (getattr(result, "stderr", "") or "")
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,14 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from click.testing import CliRunner
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, invoke_cli
 from PIL import Image
 
 from extract import UserError
 from extract.backbones import (
     CURATED,
     PINNED,
+    SPEEDS_MEASURED,
     Trunk,
     TrunkSpec,
     WeightsUnavailable,
@@ -53,9 +53,7 @@ SMALL = {"vgg16": (64, 64), "resnet50": (64, 64), "densenet201": (64, 64),
 
 
 def invoke(*arguments):
-    result = CliRunner().invoke(cli, [str(a) for a in arguments])
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 def embed(trunk: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -100,6 +98,14 @@ def test_list_backbones_prints_the_curated_list() -> None:
         assert " x ".join(map(str, row.shape)) in line and f"{row.images_per_s:.1f}" in line
         assert ("Hugging Face hub" if row.backbone.startswith("timm:") else "torchvision") in line
     assert "benchmarks/extract_speed.py" in result.output
+
+
+def test_list_backbones_says_where_and_when_its_speeds_were_measured() -> None:
+    """The speeds are a snapshot: the list says which benchmark made them, on what, and when."""
+    result = invoke("--list-backbones")
+    assert result.exit_code == 0, result.text
+    assert f"measured by benchmarks/extract_speed.py {SPEEDS_MEASURED};" in result.output
+    assert "2026-11-27" in SPEEDS_MEASURED and "2-core CPU" in SPEEDS_MEASURED
 
 
 def test_vgg16_and_resnet50_are_as_before() -> None:

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke_cli
 
 from extract import UserError
 from extract.extract_features import main as extract
@@ -54,9 +54,7 @@ def models(exported_run: Path, vgg16_run: Path, vgg16_model: Path) -> dict[str, 
 
 
 def invoke(*arguments):
-    result = CliRunner().invoke(cli, [str(a) for a in arguments])
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])

@@ -5,6 +5,7 @@ clean errors a user gets for bad images, a missing folder and unavailable weight
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ import timm
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, invoke_cli
 
 from extract import UserError
 from extract.backbones import Trunk, TrunkSpec, WeightsUnavailable
@@ -53,9 +54,7 @@ def extract(data: Path, out: Path, backbone: str = "resnet50", **options) -> Pat
 
 
 def invoke(*arguments: str):
-    result = CliRunner().invoke(cli, list(arguments))
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 def sha256(path: Path) -> str:
@@ -651,6 +650,49 @@ def test_rows_written_out_of_order_read_back(caches: dict[str, Path], tmp_path: 
         writer.write(rows, expected[rows, None])  # (n, 1 view, C, h, w)
     assert writer.finish() == out
     assert read_features(out, keys).tobytes() == expected.tobytes()
+
+
+def test_a_writer_says_whether_it_is_complete(caches: dict[str, Path], tmp_path: Path) -> None:
+    """is_complete: nothing left to write, for a cache complete and up to date when opened or
+    once finished; extraction writes only to writers that are not."""
+    info = read_info(caches["resnet50"])
+    keys = read_keys(caches["resnet50"])
+    digests = read_image_digests(caches["resnet50"], keys)
+    out = tmp_path / "x.h5"
+    writer = CacheWriter(out, keys, digests, info)
+    assert not writer.is_complete
+    writer.write(np.arange(len(keys)), read_features(caches["resnet50"], keys)[:, None])
+    assert not writer.is_complete  # every row done, but not yet finished
+    writer.finish()
+    assert writer.is_complete
+    again = CacheWriter(out, keys, digests, info)
+    try:
+        assert again.is_complete and again.missing.size == 0
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["disk full", "quota"])
+def test_a_full_disk_or_quota_while_writing_rows_says_so(
+    code: int, caches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that cannot be stored for want of space, the disk's or the user's quota, give the
+    one message that says so, not HDF5's traceback."""
+    info = read_info(caches["resnet50"])
+    keys = read_keys(caches["resnet50"])
+    writer = CacheWriter(tmp_path / "x.h5", keys, read_image_digests(caches["resnet50"], keys),
+                         info)
+
+    def full(self: h5py.File) -> None:
+        raise OSError(code, os.strerror(code))
+
+    try:
+        monkeypatch.setattr(h5py.File, "flush", full)
+        with pytest.raises(UserError, match="no space left on device while writing .*x.h5"):
+            writer.write(np.arange(8), np.zeros((8, 1, *info.feature_shape), dtype=np.float16))
+    finally:
+        monkeypatch.undo()
+        writer.close()
 
 
 def test_unfinished_cache_is_refused(

@@ -12,8 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import TRAIN_SETTINGS
+from conftest import TRAIN_SETTINGS, invoke_cli
 from PIL import Image
 
 from extract import UserError
@@ -56,9 +55,7 @@ REAL_SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}
 
 
 def invoke(*arguments: str):
-    result = CliRunner().invoke(cli, [str(a) for a in arguments])
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 def cli_options(settings: dict) -> list[str]:

@@ -17,8 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
-from conftest import REPO_ROOT, TRAIN_PAIRS, TRAIN_QUERIES, TRAIN_SETTINGS
+from conftest import REPO_ROOT, TRAIN_PAIRS, TRAIN_QUERIES, TRAIN_SETTINGS, invoke_cli
 
 from extract.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation_split
 from extract.synth import plan_pairs
@@ -54,9 +53,7 @@ finally:
 
 
 def invoke(*arguments):
-    result = CliRunner().invoke(cli, [str(a) for a in arguments])
-    result.text = result.output + (getattr(result, "stderr", "") or "")  # click < 8.2 or >= 8.2
-    return result
+    return invoke_cli(cli, *arguments)
 
 
 def run_infer(code: str, *arguments) -> subprocess.CompletedProcess:

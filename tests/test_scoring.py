@@ -11,6 +11,7 @@ from scipy.special import logsumexp
 
 from infer.scoring import (
     ASSIGN_METHODS,
+    DEFAULT_TEMPERATURE,
     assign,
     assignment_premise,
     candidate_similarities,
@@ -169,6 +170,50 @@ def test_sinkhorn_is_finite_balanced_and_shift_invariant(pool: str) -> None:
     # the temperature is relative to the scores' spread: scaling them changes nothing
     np.testing.assert_allclose(assign(scores * 0.01, candidates, "sinkhorn", temperature=0.1),
                                log_p, atol=1e-6)
+
+
+def dense_sinkhorn(scores: np.ndarray, candidates: np.ndarray, temperature: float) -> np.ndarray:
+    """Sinkhorn written the plain way, as a reference: the dense (Q, N) kernel, -inf off each
+    query's candidates, rows and columns normalised in turn until both sum to 1; (Q, K)."""
+    pool, columns = np.unique(candidates, return_inverse=True)
+    columns = columns.reshape(candidates.shape)
+    rows = np.arange(len(scores))[:, None]
+    log_p = np.full((len(scores), len(pool)), -np.inf)  # (Q, N)
+    log_p[rows, columns] = scores / (temperature * scores.std())
+    for _ in range(20_000):
+        log_p -= logsumexp(log_p, axis=1, keepdims=True)
+        log_p -= logsumexp(log_p, axis=0, keepdims=True)
+        if np.abs(logsumexp(log_p, axis=1)).max() < 1e-12:
+            break
+    return log_p[rows, columns]
+
+
+def test_sinkhorn_on_an_uneven_pool_at_the_default_temperature_matches_a_dense_reference() -> None:
+    """Images shared by different numbers of queries (from 1 to 8 here) take the padded slots of
+    the sparse gather; at the default temperature every entry counts, so a pad that picked a real
+    entry instead of -inf would change the balance and some top-1 answers."""
+    scores, candidates = random_pool(60, 20, seed=5)
+    shared_by = np.bincount(candidates.ravel())
+    assert shared_by.min() < shared_by.max()  # uneven: some images' slots are padded
+    log_p = assign(scores, candidates, "sinkhorn")  # DEFAULT_TEMPERATURE
+    expected = dense_sinkhorn(scores, candidates, DEFAULT_TEMPERATURE)
+    np.testing.assert_allclose(np.exp(log_p), np.exp(expected), atol=1e-4)
+    assert (log_p.argmax(axis=1) == expected.argmax(axis=1)).all()
+    rows, columns = sinkhorn_marginals(log_p, candidates)
+    np.testing.assert_allclose(rows, 1, atol=1e-3)
+    np.testing.assert_allclose(columns, 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ASSIGN_METHODS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_assign_leaves_its_input_scores_unchanged(method: str, dtype: type) -> None:
+    """infer and head.train report the plain figures from the scores they passed to `assign`:
+    an assignment written into them would pass off assigned figures as plain ones."""
+    scores, candidates = random_pool(30, 10, seed=6)
+    scores = scores.astype(dtype)
+    before = scores.copy()
+    assign(scores, candidates, method)
+    assert scores.tobytes() == before.tobytes()
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.3, 2.0])

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_extract import assert_same_cache, done_rows, stop_midway
 
-from extract import UserError
+from extract import UserError, cache
 from extract.cache import (
     CacheError,
     CacheWriter,
@@ -283,6 +283,44 @@ def test_shard_rows_are_taken_in_unless_their_image_changed(
     finally:
         writer.close()
     assert read_features(out, keys).tobytes() == features.tobytes()
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
+def test_a_merge_in_many_chunks_gives_the_single_process_cache(
+    reference: Path, written, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    rows_per_chunk: int
+) -> None:
+    """Shards are copied in a bounded number of rows at a time (MERGE_BYTES); with room for only
+    a few rows, the merge crosses many chunk boundaries, inside runs of consecutive rows and at
+    their ends, and still gives, row for row, the cache one process writes."""
+    keys, digests, features = written
+    info = read_info(reference)
+    row_bytes = int(np.prod(info.feature_shape)) * 2 * len(info.views)  # float16
+    monkeypatch.setattr(cache, "MERGE_BYTES", rows_per_chunk * row_bytes + row_bytes // 2)
+    out = tmp_path / "x.h5"
+    # rank 0 holds runs of 20 and 29 rows, rank 1 the rest (38 rows) and row 20
+    held = {0: np.r_[0:20, 21:50], 1: np.r_[20, 50:len(keys)]}
+    for rank, rows in held.items():
+        with ShardWriter(out, rank, keys, digests, info) as shard:
+            shard.write(rows, features[rows, None])  # (n, 1 view, C, h, w)
+    copied = []  # the rows of each block copied in
+    write = CacheWriter.write
+
+    def recorded(self: CacheWriter, rows: np.ndarray, block: np.ndarray) -> None:
+        copied.append(rows.tolist())
+        write(self, rows, block)
+
+    monkeypatch.setattr(CacheWriter, "write", recorded)
+    writer = CacheWriter(out, keys, digests, info)
+    try:
+        assert writer.missing.size == 0 and not shard_paths(out)
+        assert writer.finish() == out
+    finally:
+        writer.close()
+    assert max(map(len, copied)) == rows_per_chunk
+    assert len(copied) >= (len(keys) - 1) // rows_per_chunk  # many chunks, none lost
+    assert sorted(sum(copied, [])) == list(range(len(keys)))  # each row copied once
+    assert_same_cache(out, reference)
 
 
 def test_a_shard_built_for_something_else_is_refused(

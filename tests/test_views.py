@@ -29,7 +29,7 @@ from extract.extract_features import main as extract
 from head.export import build_network
 from head.export import main as export
 from head.model import Head, HeadConfig, TLLNet, load_checkpoint
-from head.train import embed
+from head.train import Fold, TrainConfig, Trainer, embed
 from head.train import main as train
 
 SIZE = (64, 64)
@@ -151,3 +151,34 @@ def test_export_averages_the_flip_inside_the_graph(flip_run: Path, tmp_path: Pat
         torch.testing.assert_close(net(images), by_hand, atol=1e-6, rtol=0)
         one_view = TLLNet([trunk], head)(images)
     assert (one_view - by_hand).abs().max() > 1e-4  # the flip changes the embedding
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_training_draws_both_views_unless_told_not_to(flip: bool) -> None:
+    """With a two-view cache, each image in a training batch is fed to the head in a view drawn
+    anew (both views over an epoch, for anchors and positives alike); --no-flip feeds only the
+    first. Here view 0 is all positive and view 1 all negative, so each row the head is given
+    tells which view it came from."""
+    n, d = 64, 8
+    plain = torch.rand(n, d, generator=torch.Generator().manual_seed(0)) + 0.1  # (N, D) > 0
+    features = torch.stack([plain, -plain], dim=1).half()  # (N, 2, D)
+    empty = np.zeros(0, dtype=np.int64)
+    fold = Fold(features=[features], train_left=torch.arange(0, n, 2),
+                train_right=torch.arange(1, n, 2), val_images=torch.from_numpy(empty),
+                val_queries=empty, val_candidates=np.zeros((0, 20), dtype=np.int64),
+                val_truth=empty)
+    config = TrainConfig(caches=("x",), name="x", batch_size=8, device="cpu", flip=flip)
+    assert TrainConfig(caches=("x",), name="x").flip  # flipped views are the default
+    trainer = Trainer(fold, HeadConfig(feature_shapes=((d,),)), config, progress=False)
+    fed = []  # per forward call (B, D): the rows the head was given
+    trainer.head.register_forward_pre_hook(lambda _, inputs: fed.append(inputs[0].clone()))
+    trainer.epoch(1)
+    assert len(fed) == 2 * (n // 2) // 8  # anchors and positives of every batch
+    for rows in fed:
+        assert ((rows > 0).all(dim=1) | (rows < 0).all(dim=1)).all()  # each row one whole view
+    flipped = [int((rows < 0).all(dim=1).sum()) for rows in fed]  # per call: rows in view 1
+    if flip:  # about half of each side's 32 rows; 0 of 32 has odds 2**-32
+        assert sum(flipped[0::2]) > 0 and sum(flipped[1::2]) > 0
+        assert sum(flipped[0::2]) < n // 2 and sum(flipped[1::2]) < n // 2
+    else:
+        assert sum(flipped) == 0
