@@ -114,12 +114,15 @@ def assign(scores: np.ndarray, candidates: np.ndarray, method: str = DEFAULT_ASS
         return scores
     if method == "sinkhorn":
         spread = float(scores.std()) or 1.0  # all scores equal: any scale gives a flat kernel
-        assigned = _sinkhorn(scores / (temperature * spread), columns, len(pool))
-        flattened = int((flat_rows(assigned) & ~flat_rows(scores)).sum())
+        log_kernel = scores.astype(np.float64) / (temperature * spread)  # (Q, K)
+        assigned = _sinkhorn(log_kernel, columns, len(pool))
+        # a flat kernel row is ranked by how many queries share each image, not by its scores
+        flattened = int(((flat_rows(log_kernel) | flat_rows(assigned))
+                         & ~flat_rows(scores)).sum())
         if flattened:
             raise ValueError(f"the Sinkhorn temperature {temperature:g} is too high for these "
-                             f"scores: it leaves every candidate of {flattened} of the "
-                             f"{len(scores)} queries with the same score; choose a lower one")
+                             f"scores: at that scale the candidates of {flattened} of the "
+                             f"{len(scores)} queries all look alike; choose a lower one")
         return assigned
     return _hungarian(scores, columns, len(pool))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hostile import COMMANDS, SMALL, Case, World, run_case
+from hostile import COMMANDS, Case, World, run_case
 
 from infer import predict
 from infer.scoring import assign, flat_rows, uninformative
@@ -35,7 +35,6 @@ def _fixed_scores(w: World, scores) -> None:
     w.monkeypatch.setattr(predict, "score_candidates",
                           lambda session, info, images, queries, batch_size:
                           scores(len(queries)))
-    w.gone.append(w.tmp / "s.csv")
 
 
 def _spread_scores(n_queries: int) -> np.ndarray:
@@ -58,6 +57,7 @@ def infer_temperature_nan(w: World) -> list:
 
 def infer_temperature_huge(w: World) -> list:
     _fixed_scores(w, _spread_scores)
+    w.gone.append(w.tmp / "s.csv")
     return _infer(w, "--assign-temperature", "1e300")
 
 
@@ -73,9 +73,7 @@ def infer_model_temperature_inf(w: World) -> list:
 
 
 def infer_noise_scores(w: World) -> list:
-    w.monkeypatch.setattr(predict, "score_candidates",
-                          lambda session, info, images, queries, batch_size:
-                          _noise_scores(len(queries)))
+    _fixed_scores(w, _noise_scores)
     return _infer(w, "--assign", "sinkhorn")
 
 
@@ -140,6 +138,13 @@ def export_opset(opset: int):
     return setup
 
 
+def _opset_written(opset: int):
+    def then(w: World) -> None:
+        model = onnx.load(str(w.tmp / "m.onnx"))
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    return then
+
+
 CASES = {
     "infer --assign-temperature inf": Case(infer_temperature_inf, 2, (
         "--assign-temperature", "'inf' is not a finite number")),
@@ -147,7 +152,7 @@ CASES = {
         "--assign-temperature", "'nan' is not a finite number")),
     "infer --assign-temperature 1e300": Case(infer_temperature_huge, 1, (
         "--assign-temperature", "temperature 1e+300 is too high",
-        "every candidate of", "choose a lower one")),
+        "all look alike", "choose a lower one")),
     "infer model records temperature inf": Case(infer_model_temperature_inf, 1, (
         "{tmp}/run/model.onnx", "Sinkhorn temperature inf", "pass --assign-temperature")),
     "infer scores of float noise": Case(infer_noise_scores, 0, (
@@ -167,6 +172,9 @@ CASES = {
     "train identical training images": Case(train_identical_images, 1, (
         "the very same features for every training image", "extract the cache again",
         "--lr is not the cause"), then=_no_run),
+    "export --opset 17": Case(export_opset(17), 2, ("--opset", "17 is not in the range 18<=x<=25")),
+    "export --opset 99": Case(export_opset(99), 2, ("--opset", "99 is not in the range 18<=x<=25")),
+    "export --opset 25": Case(export_opset(25), 0, then=_opset_written(25)),
 }
 
 
@@ -217,7 +225,7 @@ def test_sinkhorn_refuses_a_temperature_that_is_not_finite_and_positive(temperat
 @pytest.mark.parametrize("temperature", [1e300, 1e12])
 def test_sinkhorn_refuses_a_temperature_that_flattens_rows(temperature) -> None:
     # scores / (T * std 0.35): differences of 1e-12 and less vanish beside log(1/2) = -0.69
-    with pytest.raises(ValueError, match="every candidate of 2 of the 2 queries"):
+    with pytest.raises(ValueError, match="candidates of 2 of the 2 queries all look alike"):
         assign(SCORES, CANDIDATES, "sinkhorn", temperature)
 
 
