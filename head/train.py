@@ -55,6 +55,7 @@ from infer.scoring import (
     assign,
     candidate_similarities,
     ranking_metrics,
+    uninformative,
 )
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -205,6 +206,8 @@ def evaluate(embeddings: np.ndarray, fold: Fold, assign_method: str = "none",
     mrr, and the same with `_assigned` after the one-to-one assignment (unless none)."""
     scores = candidate_similarities(embeddings, fold.val_queries, fold.val_candidates)
     metrics = ranking_metrics(scores, fold.val_truth)
+    if assign_method != "none" and (reason := uninformative(scores)):
+        logger.warning("validation: %s; the %s figures are the plain ones", reason, assign_method)
     if assign_method != "none":
         try:
             assigned = assign(scores, fold.val_candidates, assign_method, temperature)  # (Q, K)
@@ -316,10 +319,10 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     if embeddings_collapsed(torch.cat([anchors, positives]).detach()):
         inputs = [f[torch.cat([lefts, rights])] for f in fold.features]  # (2B, V, ...) each
         if all(bool((x == x[:1]).all()) for x in inputs):  # no head could tell them apart
-            raise UserError(f"every embedding is the same point in epoch {epoch} because the "
-                            "cache holds the very same features for every training image of "
-                            "the last batch (are the training images all one picture?); check "
-                            "the data and extract the cache again, --lr is not the cause")
+            raise UserError(f"the head cannot learn: the cache holds the same features for "
+                            f"every training image of epoch {epoch}'s last batch (are the "
+                            "training images all one picture?); check the data and extract the "
+                            "cache again (--lr is not the cause)")
         raise UserError(f"the head collapsed in epoch {epoch}: every embedding is the same "
                         "point, so the loss can no longer fall; try a lower --lr")
     return total / len(batches)
