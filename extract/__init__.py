@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +53,21 @@ class UserPath(click.Path):
         if isinstance(value, str):
             value = str(Path(value).expanduser())
         return super().convert(value, param, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that refuses inf and nan (exit 2). A plain FloatRange lets `inf` through
+    and `nan` too (every comparison with nan is false, so no bound catches it): a temperature or
+    margin of either gives flat scores or a loss that is nan from the first step."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number; give one in {self._describe_range()}.",
+                      param, ctx)
+        return super().convert(number, param, ctx)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,10 @@ from head.model import TLLNet, load_checkpoint
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime vs eager torch
 PARITY_BATCHES = (1, 7)
+# The opsets a file is written in as asked (tried with torch 2.14, onnx 1.23, onnxruntime 1.31):
+# torch's dynamo exporter implements 18 and up and quietly writes 18 for anything lower (or for a
+# version it cannot convert to); onnxruntime loads up to 26 (27 and 28 fail to load).
+OPSETS = (18, 26)
 
 
 def build_network(checkpoint_path: Path, weights: list[str | Path] = ()
@@ -109,6 +113,8 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
          opset: int = 18) -> Path:
     """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx); the
     file appears only once it has passed the parity check."""
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise UserError(f"--opset {opset}: choose one in {OPSETS[0]}..{OPSETS[1]}")
     run = Path(run)
     checkpoint_path = run / "head.pt"
     if not checkpoint_path.is_file():
@@ -128,6 +134,10 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
                 dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
             )
         model = program.model_proto
+        written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if written != opset:  # the exporter falls back quietly where it cannot convert
+            raise UserError(f"--opset {opset}: the exporter wrote opset {written} instead; "
+                            f"choose one in {OPSETS[0]}..{OPSETS[1]}; not written")
         for key, value in describe(checkpoint).items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
@@ -163,7 +173,8 @@ def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
               help="Where a trunk's state dict is now, if it has moved since extraction (matched "
                    "to its trunk by sha256; repeatable) [default: the paths recorded in the "
                    "run].")
-@click.option("--opset", type=click.IntRange(min=17), default=18)
+@click.option("--opset", type=click.IntRange(*OPSETS), default=18,
+              help="The ONNX opset of the file (the ones this exporter writes as asked).")
 def cli(**options) -> None:
     """Export the trunk and trained head of a run to one ONNX model, checked against torch."""
     with user_errors():

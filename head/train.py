@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract import UserError, UserPath, logger, user_errors
+from extract import FiniteFloat, UserError, UserPath, logger, user_errors
 from extract.backbones import resolve_device
 from extract.cache import CacheInfo, read_features, read_image_digests, read_info
 from extract.data import (
@@ -54,6 +55,7 @@ from infer.scoring import (
     assign,
     candidate_similarities,
     ranking_metrics,
+    uninformative,
 )
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -204,8 +206,13 @@ def evaluate(embeddings: np.ndarray, fold: Fold, assign_method: str = "none",
     mrr, and the same with `_assigned` after the one-to-one assignment (unless none)."""
     scores = candidate_similarities(embeddings, fold.val_queries, fold.val_candidates)
     metrics = ranking_metrics(scores, fold.val_truth)
+    if assign_method != "none" and (reason := uninformative(scores)):
+        logger.warning("validation: %s; the %s figures are the plain ones", reason, assign_method)
     if assign_method != "none":
-        assigned = assign(scores, fold.val_candidates, assign_method, temperature)  # (Q, K)
+        try:
+            assigned = assign(scores, fold.val_candidates, assign_method, temperature)  # (Q, K)
+        except ValueError as error:  # the split is one-to-one: the temperature flattens rows
+            raise UserError(f"--assign-temperature: {error}") from None
         metrics |= {f"{k}_assigned": v
                     for k, v in ranking_metrics(assigned, fold.val_truth).items()}
     return metrics
@@ -301,13 +308,21 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
         loss = pair_loss(anchors, positives, config)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {number}; "
-                            "try a lower --lr")
+                            + ("that is before any step, so not --lr: check --margin, "
+                               "--temperature and the cache's features" if epoch == number == 1
+                               else "try a lower --lr"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     if embeddings_collapsed(torch.cat([anchors, positives]).detach()):
+        inputs = [f[torch.cat([lefts, rights])] for f in fold.features]  # (2B, V, ...) each
+        if all(bool((x == x[:1]).all()) for x in inputs):  # no head could tell them apart
+            raise UserError(f"the head cannot learn: the cache holds the same features for "
+                            f"every training image of epoch {epoch}'s last batch (are the "
+                            "training images all one picture?); check the data and extract the "
+                            "cache again (--lr is not the cause)")
         raise UserError(f"the head collapsed in epoch {epoch}: every embedding is the same "
                         "point, so the loss can no longer fall; try a lower --lr")
     return total / len(batches)
@@ -487,6 +502,10 @@ def check_config(config: TrainConfig) -> None:
     if not 0 <= config.dropout < 1 or config.features_dim < 0 or not config.temperature > 0:
         raise UserError("--dropout takes [0, 1), --features-dim 0 or more, --temperature "
                         "more than 0")
+    for option, value in (("--margin", config.margin), ("--temperature", config.temperature),
+                          ("--assign-temperature", config.assign_temperature)):
+        if not math.isfinite(value):
+            raise UserError(f"{option} {value}: give a finite number")
     if config.folds == 1 or config.folds < 0:
         raise UserError(f"--folds {config.folds}: cross-validation takes at least 2 folds "
                         "(0 for one split of --val-fraction)")
@@ -625,7 +644,7 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--lr", type=click.FloatRange(min=0, max=MAX_LR, min_open=True),
               default=_defaults["lr"])
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=_defaults["weight_decay"])
-@click.option("--margin", type=click.FloatRange(min=0), default=_defaults["margin"])
+@click.option("--margin", type=FiniteFloat(min=0), default=_defaults["margin"])
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=_defaults["embedding_dim"])
 @click.option("--pool", type=click.IntRange(min=1), default=_defaults["pool"],
               help="Max-pool each feature map to a pool x pool grid.")
@@ -640,7 +659,7 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--negatives", type=click.Choice(NEGATIVES), default=_defaults["negatives"],
               help="The triplet loss's in-batch negatives: all, the hardest, or the semi-hard "
                    "ones.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True),
               default=_defaults["temperature"], help="InfoNCE's temperature.")
 @click.option("--flip/--no-flip", default=_defaults["flip"],
               help="With a two-view cache (extract --hflip): draw an image's flipped view half "
@@ -648,7 +667,7 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 @click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=_defaults["assign"],
               help="One-to-one assignment that validation also reports and that picks the "
                    "kept epoch; recorded in the exported model as infer's default.")
-@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
+@click.option("--assign-temperature", type=FiniteFloat(min=0, min_open=True),
               default=_defaults["assign_temperature"], help="Sinkhorn's temperature.")
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
               default=_defaults["val_fraction"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from extract import UserError, UserPath, logger, user_errors
+from extract import FiniteFloat, UserError, UserPath, logger, user_errors
 from extract.data import (
     CANDIDATE_COLUMNS,
     Query,
@@ -34,6 +35,7 @@ from infer.scoring import (
     assignment_premise,
     candidate_similarities,
     ranking_metrics,
+    uninformative,
 )
 from infer.session import ModelInfo, open_session
 
@@ -143,10 +145,12 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
     else none. assign_temperature: None for the model's own. report: the error-analysis page;
     for val it defaults to `out` with .html, for test it is written only when given.
     """
-    if assign_method not in (None, *ASSIGN_METHODS) or not (assign_temperature or 1) > 0:
-        raise UserError(f"unknown assignment {assign_method!r} or temperature "
-                        f"{assign_temperature}: choose {', '.join(ASSIGN_METHODS)} and a "
-                        "temperature > 0")
+    if assign_method not in (None, *ASSIGN_METHODS):
+        raise UserError(f"unknown assignment {assign_method!r}: choose "
+                        f"{', '.join(ASSIGN_METHODS)}")
+    if assign_temperature is not None and not 0 < assign_temperature < math.inf:
+        raise UserError(f"--assign-temperature {assign_temperature}: give a finite number "
+                        "above 0")
     dataset = read_dataset(data)
     if split not in DEFAULT_OUT:
         raise UserError(f"unknown split {split!r}; choose test or val")
@@ -170,11 +174,23 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
     candidates, n_images = candidate_pool(queries)  # (Q, 20)
     method = resolve_assignment(assign_method, info.assign or DEFAULT_ASSIGN, candidates,
                                 n_images)  # before the slow part
-    assign_temperature = assign_temperature or info.assign_temperature or DEFAULT_TEMPERATURE
+    if assign_temperature is None:
+        assign_temperature = info.assign_temperature or DEFAULT_TEMPERATURE
+        if method == "sinkhorn" and not 0 < assign_temperature < math.inf:
+            raise UserError(f"{onnx} records Sinkhorn temperature {assign_temperature} in its "
+                            "metadata (an older tll let it through): pass --assign-temperature "
+                            f"(the default is {DEFAULT_TEMPERATURE}), or export a run trained "
+                            "with a finite one")
     scores = score_candidates(session, info, dataset.images, queries, batch_size)  # (Q, 20)
+    if method != "none" and (reason := uninformative(scores)):
+        logger.warning("no %s assignment: %s; ranking by plain scores", method, reason)
+        method = "none"
     assigned = None
     if method != "none":
-        assigned = assign(scores, candidates, method, assign_temperature)  # (Q, 20)
+        try:
+            assigned = assign(scores, candidates, method, assign_temperature)  # (Q, 20)
+        except ValueError as error:  # the pool was checked: the temperature flattens rows
+            raise UserError(f"--assign-temperature: {error}") from None
     described = method + (f", temperature {assign_temperature:g}" if method == "sinkhorn" else "")
 
     truth = None
@@ -223,7 +239,7 @@ def _figures_text(metrics: dict[str, float]) -> str:
               "(soft) or hungarian (hard). Only for a pool like Kaggle's test, where each "
               "candidate image is the match of exactly one query.  [default: the one the "
               "model's training chose its epoch with, where the pool allows, else none]")
-@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
+@click.option("--assign-temperature", type=FiniteFloat(min=0, min_open=True),
               default=None, help="Sinkhorn's temperature on cosine scores.  [default: the "
               "model's]")
 @click.option("--report", type=UserPath(), default=None,

@@ -25,6 +25,13 @@ SINKHORN_TOLERANCE = 1e-4
 # Bounds the time (~1.5 s for 2,000 queries on a busy 2-core CPU); temperatures below ~0.03 on
 # cosine scores can need more iterations to meet the tolerance, and stop here.
 SINKHORN_MAX_ITERATIONS = 1000
+# Scores whose standard deviation is below this fraction of their largest magnitude differ by
+# rounding alone: cosines of float32 embeddings carry about 7 significant digits, and dividing
+# such noise by its own spread (Sinkhorn's temperature) would turn it into a confident ranking.
+NOISE_SPREAD = 1e-6
+# A row of scores whose range is below this (relative to its largest magnitude, at least 1) is
+# flat: the submission's 9 significant digits cannot tell its candidates apart.
+FLAT_RANGE = 1e-7
 
 
 def candidate_similarities(embeddings: np.ndarray, query_rows: np.ndarray,
@@ -83,7 +90,10 @@ def assign(scores: np.ndarray, candidates: np.ndarray, method: str = DEFAULT_ASS
     hungarian: the best one-to-one assignment (maximum total score); each query's assigned
         candidate is lifted above its others (row maximum + 1), which keep their plain scores
         and order, so top-2 still has a second choice.
-    Raises ValueError where the pool is not one-to-one (`assignment_premise` says why).
+    Scores that carry no information (`uninformative`) are returned as they are: balancing
+    rounding noise would only invent a ranking.
+    Raises ValueError where the pool is not one-to-one (`assignment_premise` says why), and where
+    Sinkhorn's temperature is so high that a row comes out flat that was not.
     """
     if method not in ASSIGN_METHODS:
         raise ValueError(f"unknown assignment {method!r}; choose one of "
@@ -97,12 +107,42 @@ def assign(scores: np.ndarray, candidates: np.ndarray, method: str = DEFAULT_ASS
     reason = assignment_premise(columns, len(pool))
     if reason:
         raise ValueError(f"no one-to-one assignment for this pool: {reason}")
+    if method == "sinkhorn" and not 0 < temperature < np.inf:
+        raise ValueError(f"the Sinkhorn temperature must be positive and finite, got "
+                         f"{temperature}")
+    if uninformative(scores):  # the caller says so (`uninformative`); nothing to balance
+        return scores
     if method == "sinkhorn":
-        if not temperature > 0:
-            raise ValueError(f"the Sinkhorn temperature must be positive, got {temperature}")
         spread = float(scores.std()) or 1.0  # all scores equal: any scale gives a flat kernel
-        return _sinkhorn(scores / (temperature * spread), columns, len(pool))
+        log_kernel = scores.astype(np.float64) / (temperature * spread)  # (Q, K)
+        assigned = _sinkhorn(log_kernel, columns, len(pool))
+        # a flat kernel row is ranked by how many queries share each image, not by its scores
+        flattened = int(((flat_rows(log_kernel) | flat_rows(assigned))
+                         & ~flat_rows(scores)).sum())
+        if flattened:
+            raise ValueError(f"the Sinkhorn temperature {temperature:g} is too high for these "
+                             f"scores: at that scale the candidates of {flattened} of the "
+                             f"{len(scores)} queries all look alike; choose a lower one")
+        return assigned
     return _hungarian(scores, columns, len(pool))
+
+
+def uninformative(scores: np.ndarray) -> str | None:
+    """None where finite scores (Q, K) can rank anything, else a sentence saying why not: their
+    spread is at the level of float noise (`NOISE_SPREAD`), as when every image has the same
+    features. `assign` leaves such scores as they are."""
+    spread, magnitude = float(scores.std()), float(np.abs(scores).max(initial=0.0))
+    if spread <= NOISE_SPREAD * magnitude:
+        return (f"the scores' spread ({spread:.2g}) is at the level of float rounding for their "
+                f"magnitude ({magnitude:.2g}): they carry no information")
+    return None
+
+
+def flat_rows(scores: np.ndarray) -> np.ndarray:
+    """(Q,) whether each row of scores (Q, K) gives every candidate the same score, to within
+    `FLAT_RANGE` of its largest magnitude (at least 1)."""
+    scale = np.maximum(np.abs(scores).max(axis=1), 1.0)  # (Q,)
+    return np.ptp(scores, axis=1) <= FLAT_RANGE * scale
 
 
 def _sinkhorn(log_kernel: np.ndarray, columns: np.ndarray, n_images: int) -> np.ndarray:
