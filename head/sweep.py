@@ -7,12 +7,13 @@ one database URL (PostgreSQL or MySQL, which Optuna supports), run one study tog
 Optuna's own distributed mode; there is no scheduler of ours.
 
 The cache is loaded once per process and its folds are built once: every trial trains on the
-same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE (narrowed
-with `--param`), reports each epoch's mean validation top-2 (after the assignment, unless
-`--assign none`) to TPE and the median pruner, and is scored by its best epoch. Output in
-``<runs-dir>/sweeps/<study>/``: leaderboard.md (the best trials with mean +- standard error),
-trials.csv, history.png, importance.png and best-command.txt, the `python -m head.train` command
-that trains the best config.
+same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE
+(narrowed with `--param`, every value checked against head.train's own options before the study
+opens; the space is recorded with the study, which refuses another), reports each epoch's mean
+validation top-2 (after the assignment, unless `--assign none`) to TPE and the median pruner,
+and is scored by its best epoch. Output in ``<runs-dir>/sweeps/<study>/``: leaderboard.md (the
+best trials with mean +- standard error), trials.csv, history.png, importance.png and
+best-command.txt, the `python -m head.train` command that trains the best config.
 """
 
 from __future__ import annotations
