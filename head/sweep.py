@@ -7,12 +7,13 @@ one database URL (PostgreSQL or MySQL, which Optuna supports), run one study tog
 Optuna's own distributed mode; there is no scheduler of ours.
 
 The cache is loaded once per process and its folds are built once: every trial trains on the
-same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE (narrowed
-with `--param`), reports each epoch's mean validation top-2 (after the assignment, unless
-`--assign none`) to TPE and the median pruner, and is scored by its best epoch. Output in
-``<runs-dir>/sweeps/<study>/``: leaderboard.md (the best trials with mean +- standard error),
-trials.csv, history.png, importance.png and best-command.txt, the `python -m head.train` command
-that trains the best config.
+same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE
+(narrowed with `--param`, every value checked against head.train's own options before the study
+opens; the space is recorded with the study, which refuses another), reports each epoch's mean
+validation top-2 (after the assignment, unless `--assign none`) to TPE and the median pruner,
+and is scored by its best epoch. Output in ``<runs-dir>/sweeps/<study>/``: leaderboard.md (the
+best trials with mean +- standard error), trials.csv, history.png, importance.png and
+best-command.txt, the `python -m head.train` command that trains the best config.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from head.train import (
     selection_figure,
     validation_folds,
 )
+from head.train import cli as train_cli
 from infer.scoring import ASSIGN_METHODS
 
 LEADERBOARD_SIZE = 10
@@ -63,6 +65,17 @@ class Space:
     high: float | None = None
     log: bool = False
     choices: tuple | None = None
+
+    def values(self) -> tuple:
+        """What a trial can draw, at its edges: every choice, or both ends of the range."""
+        return self.choices if self.choices is not None else (self.low, self.high)
+
+    def spec(self) -> str:
+        """The `--param NAME=SPEC` text of this space."""
+        if self.choices is not None:
+            return ",".join(str(c).lower() if isinstance(c, bool) else str(c)
+                            for c in self.choices)
+        return f"{self.low!r}:{self.high!r}" + (":log" if self.log else "")
 
     def suggest(self, trial: optuna.Trial, name: str, kind: type):
         if self.choices is not None:
@@ -89,11 +102,15 @@ SEARCH_SPACE: dict[str, Space] = {
 }
 # searched only where the loss uses them
 USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "infonce"}
-# what a sweep holds fixed for every trial: set by its own options, not searched
-FIXED_FIELDS = ("caches", "name", "folds", "split_seed", "seed", "assign", "device",
-                "val_fraction")
+# what a study is run with, the same for every trial: set by the sweep's own options (a study
+# resumed with other values is refused), never by --param
+STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature")
+# held fixed for every trial besides: val_fraction is unused with folds
+FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "val_fraction")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in FIXED_FIELDS}
+# head.train's own options: their types and ranges are what every --param value must pass
+TRAIN_OPTIONS = {option.name: option for option in train_cli.params}
 
 
 def parse_param(text: str) -> tuple[str, Space]:
@@ -101,7 +118,11 @@ def parse_param(text: str) -> tuple[str, Space]:
     name, _, spec = text.partition("=")
     name = name.strip().replace("-", "_")
     if name not in FIELD_TYPES or not spec:
-        raise UserError(f"--param {text!r}: expected NAME=SPEC with NAME one of "
+        own = [o.opts[0] for o in cli.params if o.name == name]  # the sweep's own option
+        held = (f"{name} is the same for every trial"
+                + (f", set by the sweep's own {own[0]}" if own else "") + ", not searched; "
+                if name in FIXED_FIELDS else "")
+        raise UserError(f"--param {text!r}: {held}expected NAME=SPEC with NAME one of "
                         f"{', '.join(sorted(FIELD_TYPES))}")
     kind = FIELD_TYPES[name]
     if kind is bool:
@@ -127,7 +148,32 @@ def _boolean(text: str) -> bool:
 
 
 def search_space(params: list[str]) -> dict[str, Space]:
-    return {**SEARCH_SPACE, **dict(parse_param(text) for text in params)}
+    """SEARCH_SPACE with each `--param` in place of its default; a name given twice is
+    refused."""
+    parsed = [parse_param(text) for text in params]
+    names = [name for name, _ in parsed]
+    for name in names:
+        if names.count(name) > 1:
+            given = " and ".join(f"{name}={space.spec()}" for n, space in parsed if n == name)
+            raise UserError(f"--param {name} is given twice ({given}): give it once, as a "
+                            "range or a list of choices")
+    return {**SEARCH_SPACE, **dict(parsed)}
+
+
+def check_space(space: dict[str, Space], fixed: dict) -> None:
+    """Every value a trial can draw (a fixed value, each choice, both ends of a range) must be
+    one head.train takes: its option's own type and range, then its own config check."""
+    for name, where in space.items():
+        option = TRAIN_OPTIONS[name]
+        for value in where.values():
+            try:
+                option.type.convert(value, option, None)
+                check_config(TrainConfig(**fixed, **{name: value}))
+            except (click.BadParameter, UserError) as error:
+                reason = error.message if isinstance(error, click.BadParameter) else str(error)
+                raise UserError(f"--param {name}={where.spec()}: head.train refuses "
+                                f"{option.opts[0]} {value} ({reason.rstrip('.')}); every value "
+                                "a trial can draw must be one head.train takes") from None
 
 
 def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
@@ -142,11 +188,9 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
     runs_dir = Path(runs_dir)
     study_name = study or f"{'+'.join(c.stem for c in caches)}-{folds}fold"
-    check_run_name(study_name)
+    check_run_name(study_name, "--study")
     out = runs_dir / "sweeps" / study_name
     check_output(out, "sweep folder", folder=True)
-    space = search_space(list(params))
-    infos = read_caches(caches)
     fixed = dict(caches=tuple(map(str, caches)), name=study_name, folds=folds,
                  split_seed=split_seed, seed=seed, assign=assign,
                  assign_temperature=assign_temperature, device=device)
@@ -154,9 +198,12 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     if folds < 2:
         raise UserError(f"--folds {folds}: a sweep scores each trial by cross-validation, "
                         "which takes at least 2 folds")
+    space = search_space(list(params))
+    check_space(space, fixed)  # before any trial, so that no trial fails on a value
+    infos = read_caches(caches)
     runs_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{runs_dir / 'sweeps.db'}"
-    the_study = _open_study(study_name, storage, infos, fixed, sampler_seed)
+    the_study = _open_study(study_name, storage, infos, fixed, space, sampler_seed)
     figure = selection_figure(TrainConfig(**fixed))
 
     torch_device = resolve_device(device)
@@ -167,27 +214,51 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
                 " + ".join(map(str, caches)), figure, len(the_study.trials))
 
     def objective(trial: optuna.Trial) -> float:
-        sampled = sample(trial, space)
-        config = TrainConfig(**{**fixed, **sampled})
-        check_config(config)
-        head_config = head_config_for(infos, config)
+        config = TrainConfig(**fixed, **sample(trial, space))  # no field is both
 
         def report(epoch: int, summary: dict) -> None:
             trial.report(summary[figure], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        history = cross_validate(fold_list, head_config, config, report, progress=False)
+        try:
+            check_config(config)
+            history = cross_validate(fold_list, head_config_for(infos, config), config, report,
+                                     progress=False)
+        except UserError as error:  # this config does not train (it diverged...): the next may
+            trial.set_user_attr("error", str(error))  # for _log_trial and the final message
+            raise
         best = best_epoch(history, config)
         for key, value in best.items():
             if key != "folds":
                 trial.set_user_attr(key, value)
         return best[figure]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ran: list[optuna.trial.FrozenTrial] = []  # this process's trials, as they end
+    # errors only: a failed trial is logged by _log_trial with its reason, not a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     the_study.optimize(objective, n_trials=trials, timeout=timeout, catch=(UserError,),
-                       callbacks=[_log_trial], show_progress_bar=True)
-    return write_outputs(the_study, out, figure, fixed)
+                       callbacks=[_log_trial, lambda _, trial: ran.append(trial)],
+                       show_progress_bar=True)
+    out = write_outputs(the_study, out, figure, fixed)
+    check_some_completed(ran, out)
+    return out
+
+
+def check_some_completed(ran: list[optuna.trial.FrozenTrial], out: Path) -> None:
+    """Refuses a run none of whose trials completed: a sweep that measured nothing must not
+    look like one that did."""
+    states = [t.state for t in ran]
+    if optuna.trial.TrialState.COMPLETE in states:
+        return
+    counts = ", ".join(f"{states.count(state)} {state.name.lower()}"
+                       for state in optuna.trial.TrialState if states.count(state))
+    failed = [t for t in ran if "error" in t.user_attrs]
+    reason = (f"; trial {failed[0].number}: {failed[0].user_attrs['error']}" if failed
+              else "")
+    raise UserError(f"no trial of this run completed ({counts}){reason}; the study keeps "
+                    f"them ({out / 'trials.csv'}): change the --param values that fail and "
+                    "rerun")
 
 
 def sample(trial: optuna.Trial, space: dict[str, Space]) -> dict:
@@ -202,9 +273,11 @@ def sample(trial: optuna.Trial, space: dict[str, Space]) -> dict:
     return sampled
 
 
-def _open_study(name: str, storage: str, infos: list, fixed: dict,
+def _open_study(name: str, storage: str, infos: list, fixed: dict, space: dict[str, Space],
                 sampler_seed: int | None) -> optuna.Study:
-    """The study, created or resumed; refused if it was started on another cache or setting."""
+    """The study, created or resumed; refused if it was started on another cache, setting or
+    search space."""
+    _check_sqlite_folder(storage)
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             # a killed worker's trial is failed once its heartbeat is older than the grace
@@ -230,8 +303,7 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict,
     setting = {"trunks": [[i.backbone, i.layer, i.weights_id, list(i.views)] for i in infos],
                "input_size": list(infos[0].input_size),
                "dataset": infos[0].dataset_fingerprint,
-               **{k: fixed[k] for k in ("folds", "split_seed", "seed", "assign",
-                                        "assign_temperature")}}
+               **{k: fixed[k] for k in STUDY_SETTING}}
     recorded = study.user_attrs.get("setting")
     if recorded is None:
         study.set_user_attr("setting", setting)
@@ -242,7 +314,37 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict,
         raise UserError(f"study {name!r} in {storage} was run with another setting "
                         f"({'; '.join(differ)}); its scores would not compare: pass another "
                         "--study")
+    # Optuna cannot change a parameter's choices, nor a range into choices, within a study
+    specs = {key: where.spec() for key, where in space.items()}
+    searched = study.user_attrs.get("space")
+    if searched is None:  # a new study, or one from before spaces were recorded
+        study.set_user_attr("space", specs)
+    elif searched != specs:
+        differ = [f"{key}={searched.get(key, '(not searched)')} (study) vs "
+                  f"{key}={specs.get(key, '(not searched)')} (now)"
+                  for key in {**searched, **specs} if searched.get(key) != specs.get(key)]
+        raise UserError(f"study {name!r} in {storage} searches another space ("
+                        f"{'; '.join(differ)}); a study keeps its space: pass a new --study "
+                        "name to search this one, or the study's own --param values to add "
+                        "trials to it")
     return study
+
+
+def _check_sqlite_folder(storage: str) -> None:
+    """A sqlite file's folder must exist (sqlite would say only "unable to open database
+    file"); it is not created, in case the URL is mistyped."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:  # not a URL: Optuna says so
+        return
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            raise UserError(f"--storage {storage}: the folder {folder} of its sqlite file does "
+                            "not exist; create it, or give a path in an existing folder")
 
 
 def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -250,8 +352,9 @@ def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         logger.info("trial %d: %.3f at epoch %s  %s", trial.number, trial.value,
                     trial.user_attrs.get("epoch"), _params_text(trial.params))
     else:
-        logger.info("trial %d %s  %s", trial.number, trial.state.name.lower(),
-                    _params_text(trial.params))
+        error = trial.user_attrs.get("error")
+        logger.info("trial %d %s%s  %s", trial.number, trial.state.name.lower(),
+                    f" ({error})" if error else "", _params_text(trial.params))
 
 
 def _params_text(params: dict) -> str:
@@ -305,8 +408,7 @@ def _write_trials(f, study: optuna.Study, figure: str) -> None:
 def best_command(trial: optuna.trial.FrozenTrial, fixed: dict) -> str:
     """The `python -m head.train` command that trains this trial's config, cross-validated the
     same way (so it picks the same number of epochs), the final head on every pair."""
-    options = {**{k: fixed[k] for k in ("folds", "split_seed", "seed", "assign",
-                                        "assign_temperature")}, **trial.params,
+    options = {**{k: fixed[k] for k in STUDY_SETTING}, **trial.params,
                "name": f"{fixed['name']}-trial{trial.number}"}
     words = ["python", "-m", "head.train"]
     for cache in fixed["caches"]:

@@ -125,8 +125,11 @@ FUSED_FIELDS = ("dataset_fingerprint", "input_size", "interpolation")
 def read_caches(caches: list[Path]) -> list[CacheInfo]:
     """Each cache's metadata; several caches (fusion) must describe one dataset at one input
     size, and are refused naming the field that differs."""
-    if len(set(map(str, caches))) < len(caches):
-        raise UserError(f"a cache is given twice: {', '.join(map(str, caches))}")
+    files = [cache.resolve() for cache in caches]  # one file by two paths, or a link, is one
+    for i, file in enumerate(files):
+        if file in files[:i]:
+            raise UserError(f"a cache is given twice: {caches[files.index(file)]} and "
+                            f"{caches[i]} are the same file ({file}); fuse different caches")
     infos = [read_info(cache) for cache in caches]
     for cache, info in zip(caches[1:], infos[1:], strict=True):
         for field in FUSED_FIELDS:
@@ -154,6 +157,15 @@ def load_pairs(caches: list[Path], infos: list[CacheInfo], dataset_path: Path | 
                             f"{changed[0]}); another dataset, or images changed since: rerun "
                             "`python -m extract` on this dataset")
     views = tuple(v for v in infos[0].views if all(v in info.views for info in infos))
+    unused = sorted({v for info in infos for v in info.views} - set(views))
+    if unused:  # every branch of a fused head sees the same view of an image
+        fused = list(zip(map(str, caches), infos, strict=True))
+        having = [c for c, info in fused if len(info.views) > len(views)]
+        lacking = [c for c, info in fused if len(info.views) == len(views)]
+        logger.info("the %s view of %s is not used: %s lacks it, and every branch of a fused "
+                    "head sees the same view of an image (rebuild %s with `python -m extract "
+                    "--hflip` to use it)", "/".join(unused), " and ".join(having),
+                    " and ".join(lacking), " and ".join(lacking))
     features = [torch.from_numpy(np.stack([read_features(cache, keys, view) for view in views],
                                           axis=1)).to(device)  # (N, V, C, h, w)
                 for cache in caches]
@@ -400,8 +412,9 @@ def best_epoch(history: list[dict], config: TrainConfig) -> dict:
     return max(history, key=lambda record: record[figure])
 
 
-def check_run_name(name: str) -> None:
-    """A run name is one plain folder name: it can never point outside the runs folder."""
+def check_run_name(name: str, option: str = "--name") -> None:
+    """A run name (or a sweep's study name, `option`) is one plain folder name: it can never
+    point outside the runs folder."""
     problem = None
     if not name or name in (".", ".."):
         problem = "it names no folder of its own"
@@ -414,7 +427,7 @@ def check_run_name(name: str) -> None:
     elif not name.isprintable():
         problem = "it holds a control character"
     if problem:
-        raise UserError(f"--name {name!r} is not a plain folder name: {problem}")
+        raise UserError(f"{option} {name!r} is not a plain folder name: {problem}")
 
 
 def main(cache: str | Path | list[str | Path], name: str | None = None,
