@@ -241,15 +241,22 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
                        callbacks=[_log_trial, lambda _, trial: ran.append(trial)],
                        show_progress_bar=True)
     out = write_outputs(the_study, out, figure, fixed)
-    check_some_completed(ran, out)
+    check_some_completed(ran, the_study, out)
     return out
 
 
-def check_some_completed(ran: list[optuna.trial.FrozenTrial], out: Path) -> None:
-    """Refuses a run none of whose trials completed: a sweep that measured nothing must not
-    look like one that did."""
+def check_some_completed(ran: list[optuna.trial.FrozenTrial], study: optuna.Study,
+                         out: Path) -> None:
+    """Refuses a run none of whose trials completed where that leaves nothing measured (the
+    study has no complete trial) or where a trial failed: a sweep that measured nothing must
+    not look like one that did. A run whose trials were all pruned, on a study that has complete
+    trials to prune against, did its job."""
     states = [t.state for t in ran]
     if optuna.trial.TrialState.COMPLETE in states:
+        return
+    if (optuna.trial.TrialState.FAIL not in states
+            and study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))):
+        logger.info("every trial of this run was pruned: none beat the study's median")
         return
     counts = ", ".join(f"{states.count(state)} {state.name.lower()}"
                        for state in optuna.trial.TrialState if states.count(state))
