@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import CURATED, TIMM, Trunk, TrunkSpec, resolve_backbone, resolve_device
-from extract.cache import CacheInfo, CacheWriter, ShardWriter
+from extract.cache import CacheInfo, CacheWriter, ShardWriter, foreign_cache
 from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
 from extract.torchrun import Ranks, agree, process_group, share, together
@@ -169,7 +169,7 @@ def _prepare(backbone: str, data: str | Path, outs: list, layers: list, weights:
     if len(set(outs)) < len(outs):
         raise UserError(f"two layers would write one cache: {', '.join(map(str, outs))}")
     for out in outs:
-        check_output(out, "cache", inputs=dataset.files())
+        check_output(out, "cache", inputs=dataset.files(), foreign=foreign_cache)
     return dataset, specs, outs, Trunk(first, tuple(spec.layer for spec in specs))
 
 
@@ -379,7 +379,9 @@ def cli(**options) -> None:
     cache. Rerun the same command to resume an interrupted extraction."""
     options["layer"] = list(options["layer"]) or None
     options["out"] = list(options["out"]) or None
-    with user_errors(interrupted="interrupted; rerun the same command to resume"):
+    with user_errors(interrupted="interrupted; rerun the same command to resume",
+                     out_of_memory="lower --batch-size and rerun (it resumes where it "
+                     "stopped), or lower --input-size (a new cache)"):
         paths = main(**options)
     for path in paths if isinstance(paths, list) else [paths]:
         click.echo(path)
