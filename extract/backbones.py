@@ -319,7 +319,12 @@ class Trunk(nn.Module):
         it takes; or not its own, for a model that takes one size only."""
         height, width = self.spec.input_size
         name = f"{self.spec.backbone} {'+'.join(self.layers)}"
-        problem = self._problem_at((height, width))
+        try:
+            problem = self._problem_at((height, width))
+        except (RuntimeError, MemoryError) as error:  # only running out of memory comes here
+            raise UserError(f"input size {height} x {width} does not fit in memory for {name}, "
+                            f"even one image at a time ({first_line(error)}); lower "
+                            "--input-size") from None
         if problem and self._problem_at((height + 64, width + 64)) is None:
             raise UserError(f"input size {height} x {width} is too small for {name}: it needs at "
                             f"least {self._smallest_square()} x {self._smallest_square()}")

@@ -181,7 +181,8 @@ CASES: dict[str, Case] = {
                                                    "resnet50 is a torchvision model",
                                                    "layer4")),
     "extract --input-size beyond memory": Case(input_size_beyond_memory, 1,
-                                               ("out of memory", "--input-size")),
+                                               ("input size 100000 x 100000 does not "
+                                                "fit in memory", "lower --input-size")),
     "extract out of memory": Case(extract_out_of_memory, 1,
                                   ("out of memory (CUDA out of memory", "lower --batch-size",
                                    "resumes")),
