@@ -363,7 +363,8 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
 @click.option("--input-size", type=(click.IntRange(min=1), click.IntRange(min=1)),
               default=None,
               help="Image size H W fed to the trunk (each image is resized to it whole, never "
-                   "cropped) [default: the model's own; 245 200 for vgg16 and resnet50].")
+                   "cropped; whole patches for a ViT) [default: the model's own; 245 200 for "
+                   "vgg16 and resnet50].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
