@@ -153,7 +153,7 @@ def atomic_output(path: Path, folder: bool = False, overwrite: bool = False) -> 
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
-    tmp = temporary_sibling(path)
+    tmp = no_link(temporary_sibling(path))
     try:
         if folder:
             tmp.mkdir()
