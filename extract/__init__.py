@@ -34,6 +34,17 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: torch's on CUDA (OutOfMemoryError), its
+    CPU allocator's (a RuntimeError), or Python's own. torch is looked up only if loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, MemoryError) or isinstance(error, RuntimeError) and (
+        "DefaultCPUAllocator: can't allocate memory" in text or "not enough memory" in text)
+
+
 def setup_logging() -> None:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -71,9 +82,11 @@ class FiniteFloat(click.FloatRange):
 
 
 @contextlib.contextmanager
-def user_errors(interrupted: str = "interrupted; nothing was written"):
+def user_errors(interrupted: str = "interrupted; nothing was written",
+                out_of_memory: str = "lower --batch-size and rerun"):
     """For click commands: a UserError becomes `Error: <message>` and exit 1, not a traceback;
-    so do Ctrl-C (with `interrupted`, which says what is left) and a full disk."""
+    so do Ctrl-C (with `interrupted`, which says what is left), running out of memory (with
+    `out_of_memory`, what to lower) and a full disk."""
     from extract.files import is_disk_full
 
     setup_logging()
@@ -83,6 +96,11 @@ def user_errors(interrupted: str = "interrupted; nothing was written"):
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         raise click.ClickException(interrupted) from None
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise click.ClickException(f"out of memory ({first_line(error)}); "
+                                   f"{out_of_memory}") from None
     except OSError as error:
         if error.filename and is_disk_full(error, Path(error.filename).parent):
             raise click.ClickException(

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from extract import UserError, first_line
+from extract import UserError, first_line, is_out_of_memory
 from extract.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 TIMM = "timm:"  # the prefix of a timm model name on --backbone
@@ -320,7 +320,12 @@ class Trunk(nn.Module):
         it takes; or not its own, for a model that takes one size only."""
         height, width = self.spec.input_size
         name = f"{self.spec.backbone} {'+'.join(self.layers)}"
-        problem = self._problem_at((height, width))
+        try:
+            problem = self._problem_at((height, width))
+        except (RuntimeError, MemoryError) as error:  # only running out of memory comes here
+            raise UserError(f"input size {height} x {width} does not fit in memory for {name}, "
+                            f"even one image at a time ({first_line(error)}); lower "
+                            "--input-size") from None
         if problem and self._problem_at((height + 64, width + 64)) is None:
             raise UserError(f"input size {height} x {width} is too small for {name}: it needs at "
                             f"least {self._smallest_square()} x {self._smallest_square()}")
@@ -345,6 +350,8 @@ class Trunk(nn.Module):
             with torch.inference_mode():
                 self.features(torch.zeros(1, 3, *input_size, device=self.mean.device))
         except (RuntimeError, AssertionError, ValueError) as error:
+            if is_out_of_memory(error):  # the size is too large for this machine, not the model
+                raise
             # "Output size is too small", "Kernel size can't be greater", "Wrong image height!"
             return first_line(error)
         return None
@@ -367,8 +374,11 @@ def _torchvision_cut(model: nn.Module, spec: TrunkSpec, layers: tuple[str, ...])
             # the names a user would pass: modules and their direct children (layer4, features.29)
             usable = dict.fromkeys(".".join(n.split(".")[:depth])
                                    for n in nodes for depth in (1, 2))
-            raise UserError(f"{spec.backbone} has no node {layer!r}; its nodes include: "
-                            f"{', '.join(usable)}")
+            culprit = (f"--layer {GLOBAL} (the image embedding) is for timm models "
+                       f"(timm:<model>); {spec.backbone} is a torchvision model, whose --layer is "
+                       "one of its graph nodes" if layer == GLOBAL
+                       else f"{spec.backbone} has no node {layer!r}; its nodes include")
+            raise UserError(f"{culprit}: {', '.join(usable)}")
     names = {layer: f"layer{i}" for i, layer in enumerate(dict.fromkeys(layers))}
     return _InOrder(create_feature_extractor(model, names), [names[layer] for layer in layers])
 
@@ -397,6 +407,9 @@ class _TimmCut(nn.Module):
     def __init__(self, model: nn.Module, spec: TrunkSpec, layers: tuple[str, ...]):
         super().__init__()
         self.model = model
+        patches = getattr(model, "patch_embed", None)
+        if getattr(patches, "patch_size", None) and not getattr(patches, "dynamic_img_pad", False):
+            _refuse_partial_patches(spec.backbone, spec.input_size, tuple(patches.patch_size))
         stages = [info["module"] for info in getattr(model, "feature_info", [])]
         if GLOBAL in layers:
             if len(layers) > 1:
@@ -427,6 +440,24 @@ class _TimmCut(nn.Module):
             x, indices=indices, norm=True, output_fmt="NCHW", intermediates_only=True,
         )  # each (N, C, h, w), in the order of `indices`
         return tuple(maps[indices.index(stage)] for stage in self.stages)
+
+
+def _refuse_partial_patches(backbone: str, input_size: tuple[int, int],
+                            patch: tuple[int, int]) -> None:
+    """Refuse an input size that is not whole patches: the patch embedding (a strided
+    convolution) would drop the last rows and columns of every image, and "resized whole,
+    never cropped" would not hold. The message offers the nearest sizes of whole patches."""
+    left = [size % step for size, step in zip(input_size, patch, strict=True)]
+    if not any(left):
+        return
+    lost = " and ".join(f"{n} {what}" for n, what in zip(left, ("rows", "columns"), strict=True)
+                        if n)
+    below = [max(step, size // step * step) for size, step in zip(input_size, patch, strict=True)]
+    above = [-(-size // step) * step for size, step in zip(input_size, patch, strict=True)]
+    raise UserError(f"{backbone} cuts images into {patch[0]} x {patch[1]} patches: at input size "
+                    f"{input_size[0]} x {input_size[1]} it would never see the last {lost} of "
+                    f"every image; give whole patches: --input-size {below[0]} {below[1]} or "
+                    f"{above[0]} {above[1]}")
 
 
 def _build_timm(spec: TrunkSpec) -> nn.Module:

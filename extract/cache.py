@@ -61,7 +61,15 @@ import numpy as np
 
 from extract import UserError, logger
 from extract.data import DEFAULT_INTERPOLATION
-from extract.files import exclusive, is_disk_full, no_space
+from extract.files import (
+    HDF5_SIGNATURE,
+    describe,
+    exclusive,
+    file_start,
+    is_disk_full,
+    no_link,
+    no_space,
+)
 
 SCHEMA_VERSION = 3
 READABLE_SCHEMAS = (2, SCHEMA_VERSION)
@@ -138,6 +146,22 @@ def _read_info(file: h5py.File, path: Path) -> CacheInfo:
             value = value.item()
         values[field.name] = value
     return CacheInfo(**values)
+
+
+def foreign_cache(path: Path) -> str | None:
+    """What the file at a cache's path is where it is not a tll cache (for `check_output`);
+    None for a cache, even a damaged one (--overwrite rebuilds it), and for an empty file."""
+    start = file_start(path)
+    if not start:
+        return None
+    if not start.startswith(HDF5_SIGNATURE):
+        return f"not a tll cache ({describe(start)})"
+    try:
+        with h5py.File(path, "r") as file:
+            return None if "schema_version" in file.attrs else \
+                "not a tll cache (an HDF5 file without a tll cache's attributes)"
+    except OSError:  # too damaged to open: a cache that a crash cut short
+        return None
 
 
 def partial_path(path: Path) -> Path:
@@ -251,6 +275,7 @@ class CacheWriter:
 
     def _start(self, overwrite: bool) -> None:
         """Open the cache to write, with `missing` set (file None: complete and up to date)."""
+        no_link(self.partial)
         if self.path.exists() and not overwrite:
             changed = self._changed_rows(self.path)
             if not len(changed):
@@ -341,9 +366,10 @@ class CacheWriter:
         taken = 0
         for shard in shards:
             with exclusive(shard):
-                if not discard:
+                if no_link(shard).exists() and not discard:
                     taken += self._take(shard)
-                shard.unlink()  # only once its rows are in the cache (each write is flushed)
+                # only once its rows are in the cache (each write is flushed)
+                shard.unlink(missing_ok=True)
         if taken:
             assert self.file is not None
             self.missing = np.flatnonzero(self.file["done"][:] == 0)
@@ -415,7 +441,7 @@ class ShardWriter:
         self.written = False
         with contextlib.ExitStack() as held:
             held.enter_context(exclusive(self.path))
-            self.file = _create(self.path, keys, info, row_chunks=True)
+            self.file = _create(no_link(self.path), keys, info, row_chunks=True)
             self._held = held.pop_all()  # the lock, until `close`
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:

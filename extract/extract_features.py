@@ -40,7 +40,7 @@ from extract.backbones import (
     resolve_backbone,
     resolve_device,
 )
-from extract.cache import CacheInfo, CacheWriter, ShardWriter
+from extract.cache import CacheInfo, CacheWriter, ShardWriter, foreign_cache
 from extract.data import DataError, Dataset, load_image, read_dataset
 from extract.files import check_output, exclusive
 from extract.torchrun import Ranks, agree, process_group, same_everywhere, share, together
@@ -177,7 +177,7 @@ def _prepare(backbone: str, data: str | Path, outs: list, layers: list, weights:
     if len(set(outs)) < len(outs):
         raise UserError(f"two layers would write one cache: {', '.join(map(str, outs))}")
     for out in outs:
-        check_output(out, "cache", inputs=dataset.files())
+        check_output(out, "cache", inputs=dataset.files(), foreign=foreign_cache)
     return dataset, specs, outs, Trunk(first, tuple(spec.layer for spec in specs))
 
 
@@ -394,7 +394,8 @@ def list_backbones(context: click.Context, _parameter, value: bool) -> None:
 @click.option("--input-size", type=(click.IntRange(min=1), click.IntRange(min=1)),
               default=None,
               help="Image size H W fed to the trunk (each image is resized to it whole, never "
-                   "cropped) [default: the model's own; 245 200 for vgg16 and resnet50].")
+                   "cropped; whole patches for a ViT) [default: the model's own; 245 200 for "
+                   "vgg16 and resnet50].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -410,7 +411,9 @@ def cli(**options) -> None:
     cache. Rerun the same command to resume an interrupted extraction."""
     options["layer"] = list(options["layer"]) or None
     options["out"] = list(options["out"]) or None
-    with user_errors(interrupted="interrupted; rerun the same command to resume"):
+    with user_errors(interrupted="interrupted; rerun the same command to resume",
+                     out_of_memory="lower --batch-size and rerun (it resumes where it "
+                     "stopped), or lower --input-size (a new cache)"):
         paths = main(**options)
     for path in paths if isinstance(paths, list) else [paths]:
         click.echo(path)

@@ -26,6 +26,7 @@ from extract import UserError, logger
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(
     r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[0-9a-f]{6}\.tmp$")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # below this many free bytes after a failed write, the disk being full is the likely cause
 _NEARLY_FULL = 1 << 20
 
@@ -33,6 +34,18 @@ _NEARLY_FULL = 1 << 20
 def temporary_sibling(path: Path) -> Path:
     """A fresh temporary name next to `path`, marked with this host and process."""
     return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(3)}.tmp")
+
+
+def no_link(path: Path) -> Path:
+    """`path`, a name this tool keeps for its own working file (a temporary, partial, shard or
+    lock file), with any symbolic link found there removed (the link alone, never what it
+    points to): the file is then created afresh, so the tool never writes through a link."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        path.unlink()
+        logger.warning("removed the link %s (to %s, left as it is): tll never writes its "
+                       "working files through a link", path, target)
+    return path
 
 
 def remove_leftovers(folder: Path) -> None:
@@ -62,9 +75,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_output(path: Path, what: str, inputs: Iterable[Path] = (), folder: bool = False) -> None:
+def check_output(path: Path, what: str, inputs: Iterable[Path] = (), folder: bool = False,
+                 foreign: Callable[[Path], str | None] | None = None) -> None:
     """Refuse, before any work starts, an output that cannot or must not be written: a folder
-    where a file is wanted (or the reverse), a place that cannot be written, one of the inputs."""
+    where a file is wanted (or the reverse), a place that cannot be written, one of the inputs,
+    or an existing file that `foreign` describes (it says what the file is where it is not an
+    output of this tool, e.g. "not a tll cache (a binary file)"; None where it is one, which a
+    rerun may replace)."""
     if not folder and path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
     if folder and path.exists() and not path.is_dir():
@@ -73,6 +90,10 @@ def check_output(path: Path, what: str, inputs: Iterable[Path] = (), folder: boo
     for source in inputs:
         if resolved == os.path.realpath(source):
             raise UserError(f"{what} {path} is one of the inputs ({source}); choose another path")
+    if foreign and path.is_file() and (kind := foreign(path)):
+        # not even --overwrite replaces it: that is for the tool's own outputs
+        raise UserError(f"{what} {path} exists and is {kind}; tll replaces only its own "
+                        "outputs: give another path, or move that file away first")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -85,6 +106,25 @@ def check_output(path: Path, what: str, inputs: Iterable[Path] = (), folder: boo
     except OSError as error:
         raise UserError(f"cannot write {what} {path}: {parent} is not writable "
                         f"({error.strerror or error})") from None
+
+
+def file_start(path: Path, size: int = 4096) -> bytes:
+    """The first `size` bytes of the file `path` (b"" where it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def describe(start: bytes) -> str:
+    """What a file is, by its first bytes, for a message about a file that is not ours."""
+    if start.startswith(HDF5_SIGNATURE):
+        return "an HDF5 file"
+    if b"\0" in start:
+        return "a binary file"
+    first = (start.decode(errors="replace").splitlines() or [""])[0]
+    return f"a text file beginning {first[:40]!r}"
 
 
 def is_disk_full(error: BaseException, where: Path) -> bool:
@@ -113,7 +153,7 @@ def atomic_output(path: Path, folder: bool = False, overwrite: bool = False) -> 
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
-    tmp = temporary_sibling(path)
+    tmp = no_link(temporary_sibling(path))
     try:
         if folder:
             tmp.mkdir()
@@ -166,7 +206,7 @@ def exclusive(path: Path) -> Iterator[None]:
     the same name."""
     from filelock import FileLock, Timeout
 
-    lock_path = lock_file(path)
+    lock_path = no_link(lock_file(path))
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path), timeout=0)
     try:

@@ -25,8 +25,8 @@ from extract.data import (
     read_dataset,
     validation_split,
 )
-from extract.files import check_output, write_text
-from infer.report import write_report_page
+from extract.files import check_output, describe, file_start, write_text
+from infer.report import REPORT_TITLE, write_report_page
 from infer.scoring import (
     ASSIGN_METHODS,
     DEFAULT_ASSIGN,
@@ -135,6 +135,24 @@ def write_report(path: Path, queries: list[Query], scores: np.ndarray,
     return write_text(path, lambda f: json.dump({**figures, "queries": entries}, f, indent=1))
 
 
+def _foreign_output(path: Path) -> str | None:
+    """What the file at an output's path is where it is none of infer's (a submission, a
+    validation report, an error-analysis page), which a rerun replaces; None for those."""
+    start = file_start(path)
+    if not start or start.splitlines()[0].strip() == ",".join(CANDIDATE_COLUMNS).encode():
+        return None
+    if REPORT_TITLE.encode() in start:
+        return None
+    if start.lstrip().startswith(b"{"):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(report, dict) and "queries" in report:
+                return None
+        except (ValueError, TypeError):
+            pass
+    return f"not a submission or report of tll ({describe(start)})"
+
+
 def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
          device: str = "auto", batch_size: int = 32, assign_method: str | None = None,
          assign_temperature: float | None = None, report: str | Path | None = None) -> Path:
@@ -157,7 +175,8 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
     out = Path(out) if out else DEFAULT_OUT[split]
     report = Path(report) if report else (out.with_suffix(".html") if split == "val" else None)
     for output in (out, report) if report else (out,):
-        check_output(output, "output", inputs=[Path(onnx), *dataset.files()])
+        check_output(output, "output", inputs=[Path(onnx), *dataset.files()],
+                     foreign=_foreign_output)
     if report and os.path.realpath(report) == os.path.realpath(out):
         raise UserError(f"--report {report} is the same file as --out; choose another name")
     session, info = open_session(onnx, device)

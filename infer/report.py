@@ -22,6 +22,7 @@ from extract.data import Query, image_id, load_image
 from extract.files import write_text
 from infer.scoring import ranking_metrics, truth_ranks
 
+REPORT_TITLE = "tll: error analysis"  # also how infer knows its own page, to rewrite it
 THUMBNAIL_HEIGHT = 56  # px
 THUMBNAIL_QUALITY = 65  # JPEG
 SHOWN = 5  # candidates shown per query
@@ -105,7 +106,7 @@ def page_html(summary: dict[str, str], queries: list[Query], thumbnail_index: di
     ranked = assigned_scores if assigned_scores is not None else scores  # (Q, K)
     n_queries, n_candidates = ranked.shape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>tll: error analysis</title>", f"<style>{STYLE}</style></head><body>",
+             f"<title>{REPORT_TITLE}</title>", f"<style>{STYLE}</style></head><body>",
              "<h1>Error analysis</h1>", _summary_table(summary)]
     if truth is None:
         rows = np.arange(n_queries)  # the file's order
