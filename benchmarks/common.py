@@ -55,7 +55,7 @@ def kaggle_subset(source: Path, out: Path, images: int) -> Path:
     """
     import csv
 
-    from extract.data import CANDIDATE_COLUMNS, image_id, read_dataset
+    from tll.data import CANDIDATE_COLUMNS, image_id, read_dataset
 
     if images < N_CANDIDATES + 3:
         raise ValueError(f"a subset needs at least {N_CANDIDATES + 3} images, not {images}")

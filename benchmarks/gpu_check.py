@@ -57,18 +57,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-import extract
-from extract import setup_logging
+import tll
 from extract.backbones import Trunk, TrunkSpec
 from extract.cache import read_features, read_info, read_keys
-from extract.data import (
-    CANDIDATE_COLUMNS,
-    DEFAULT_INPUT_SIZE,
-    Dataset,
-    Query,
-    image_id,
-    read_dataset,
-)
 from extract.extract_features import main as extract_features
 from extract.synth import main as make_synthetic
 from head.export import PARITY_TOLERANCE
@@ -76,6 +67,15 @@ from head.export import main as export
 from head.train import main as train
 from infer.predict import main as predict
 from infer.session import open_session
+from tll import setup_logging
+from tll.data import (
+    CANDIDATE_COLUMNS,
+    DEFAULT_INPUT_SIZE,
+    Dataset,
+    Query,
+    image_id,
+    read_dataset,
+)
 
 BACKBONES = ("resnet50", "vgg16")
 BATCH_SIZE = 32  # the extract command's default; the bare trunk gets the same batches
@@ -302,7 +302,7 @@ def check_infer(setup: Setup, backbone: str) -> Outcome:
 def check_torchrun(setup: Setup, backbone: str) -> Outcome:
     single = setup.default_cache(backbone)
     out = setup.work / "caches" / f"{backbone}-torchrun.h5"
-    project = str(Path(extract.__file__).resolve().parents[1])  # the checkout this script runs
+    project = str(Path(tll.__file__).resolve().parents[1])  # the checkout this script runs
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "1", "-m", "extract", "--backbone", backbone,
                "--weights", "none", "--data", str(setup.data), "--out", str(out),
@@ -477,7 +477,7 @@ def header(device: torch.device) -> list[str]:
     return [common.environment(), gpu,
             f"onnxruntime providers built in: {', '.join(ort.get_available_providers())}",
             "packages: " + ", ".join(f"{name} {installed_version(name)}" for name in PACKAGES),
-            f"project from {Path(extract.__file__).resolve().parents[1]}"]
+            f"project from {Path(tll.__file__).resolve().parents[1]}"]
 
 
 def installed_version(package: str) -> str:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from compare_configs import SWEEP_HEAD
 
-from extract import UserError
 from extract.backbones import PINNED, Trunk, TrunkSpec
 from extract.cache import read_info
-from extract.data import DEFAULT_INPUT_SIZE
 from head.model import GridMaxPool, Head, HeadConfig
 from head.train import Fold, TrainConfig, load_pairs, make_fold, pair_loss, train_epoch
+from tll import UserError
+from tll.data import DEFAULT_INPUT_SIZE
 
 PAIRS = 1600  # the real train.csv
 SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200

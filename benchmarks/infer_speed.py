@@ -28,11 +28,11 @@ import torch
 
 from extract.backbones import Trunk, TrunkSpec
 from extract.cache import CacheInfo, CacheWriter
-from extract.data import DEFAULT_INPUT_SIZE, read_dataset
 from head.export import build_network
 from head.export import main as export
 from head.train import main as train
 from infer.session import open_session
+from tll.data import DEFAULT_INPUT_SIZE, read_dataset
 
 TARGET = 1.3
 BATCHES = {"resnet50": 4, "vgg16": 2}  # batches per measurement (~2-5 s each here)

@@ -16,7 +16,7 @@ Where the trunk is cut (`--layer`):
 
 A `Trunk` takes RGB in [0, 1] and applies its weights' own normalisation, so the exported ONNX
 graph carries the preprocessing and nothing downstream re-implements it. Resizing to the input
-size happens before, in `extract.data.load_image`, with the interpolation recorded in the spec.
+size happens before, in `tll.data.load_image`, with the interpolation recorded in the spec.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from extract import UserError, first_line, is_out_of_memory
-from extract.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
+from tll import UserError, first_line, is_out_of_memory
+from tll.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 TIMM = "timm:"  # the prefix of a timm model name on --backbone
 GLOBAL = "global"  # the --layer of a timm model's image embedding (a vector)
@@ -553,12 +553,3 @@ def _checked_file(spec: TrunkSpec) -> Path:
         raise WeightsUnavailable(
             f"weights file {path} has changed: expected {spec.weights_id}, found {digest}")
     return path
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda where there is one, else cpu; `cuda` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)

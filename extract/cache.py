@@ -27,7 +27,7 @@ A cache in progress lives at ``<name>.h5.partial``; it is renamed to ``<name>.h5
 row is done, ``complete`` is set and the closed file reads back whole, so a file under the final
 name is always whole. Rows are written before their ``done`` flag, so a killed run loses at most
 the rows in flight. One process writes a cache at a time: the writer holds ``.<name>.h5.lock``
-(`extract.files.exclusive`) before it opens anything. A row whose image has changed since it was
+(`tll.files.exclusive`) before it opens anything. A row whose image has changed since it was
 computed (its sha256 differs) is computed again on resume or on a rerun over a complete cache.
 Schema 1 (before per-row image hashes) is refused with a hint to rebuild.
 
@@ -59,9 +59,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract import UserError, logger
-from extract.data import DEFAULT_INTERPOLATION
-from extract.files import (
+from tll import UserError, logger
+from tll.data import DEFAULT_INTERPOLATION
+from tll.files import (
     HDF5_SIGNATURE,
     describe,
     exclusive,

@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from extract import UserError, UserPath, logger, user_errors
 from extract.backbones import (
     CURATED,
     SPEEDS_MEASURED,
@@ -38,12 +37,13 @@ from extract.backbones import (
     Trunk,
     TrunkSpec,
     resolve_backbone,
-    resolve_device,
 )
 from extract.cache import CacheInfo, CacheWriter, ShardWriter, foreign_cache
-from extract.data import DataError, Dataset, load_image, read_dataset
-from extract.files import check_output, exclusive
 from extract.torchrun import Ranks, agree, process_group, same_everywhere, share, together
+from tll import UserError, UserPath, logger, user_errors
+from tll.data import DataError, Dataset, load_image, read_dataset
+from tll.device import resolve_device
+from tll.files import check_output, exclusive
 
 DEFAULT_CACHE_DIR = Path("cache")
 

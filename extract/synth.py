@@ -19,9 +19,9 @@ import click
 import numpy as np
 from PIL import Image, ImageDraw
 
-from extract import UserError, UserPath, logger, setup_logging, user_errors
-from extract.data import DEFAULT_INPUT_SIZE, N_CANDIDATES
-from extract.files import atomic_output, check_output
+from tll import UserError, UserPath, logger, setup_logging, user_errors
+from tll.data import DEFAULT_INPUT_SIZE, N_CANDIDATES
+from tll.files import atomic_output, check_output
 
 IMAGE_HEIGHT, IMAGE_WIDTH = DEFAULT_INPUT_SIZE
 JPEG_QUALITY = 90

@@ -32,7 +32,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from extract import UserError, first_line
+from tll import UserError, first_line
 
 # the longest a rank waits for the others in one collective; the longest wait is for rank 0
 # while it copies every shard into the cache (about the time to copy the cache's bytes)

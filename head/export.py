@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import torch
 
-from extract import UserError, UserPath, __version__, logger, user_errors
 from extract.backbones import GLOBAL, Trunk, TrunkSpec, file_id
-from extract.files import atomic_output, check_output
 from head.model import TLLNet, load_checkpoint
+from tll import UserError, UserPath, __version__, logger, user_errors
+from tll.files import atomic_output, check_output
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime vs eager torch
 PARITY_BATCHES = (1, 7)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extract import UserError, first_line
+from tll import UserError, first_line
 
 ATTENTIONS = ("spatial", "channel", "none")
 CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views, and a list of caches

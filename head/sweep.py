@@ -30,9 +30,6 @@ from pathlib import Path
 import click
 import optuna
 
-from extract import UserError, UserPath, first_line, logger, user_errors
-from extract.backbones import resolve_device
-from extract.files import atomic_output, check_output, write_text
 from head.loss import LOSSES, NEGATIVES
 from head.model import ATTENTIONS
 from head.train import (
@@ -50,6 +47,9 @@ from head.train import (
 )
 from head.train import cli as train_cli
 from infer.scoring import ASSIGN_METHODS
+from tll import UserError, UserPath, first_line, logger, user_errors
+from tll.device import resolve_device
+from tll.files import atomic_output, check_output, write_text
 
 LEADERBOARD_SIZE = 10
 STORAGE_ATTEMPTS = 5

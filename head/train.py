@@ -34,18 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from extract import FiniteFloat, UserError, UserPath, logger, user_errors
-from extract.backbones import resolve_device
 from extract.cache import CacheInfo, read_features, read_image_digests, read_info
-from extract.data import (
-    N_CANDIDATES,
-    Dataset,
-    Query,
-    fold_splits,
-    read_dataset,
-    validation_split,
-)
-from extract.files import atomic_output, check_output
 from head.loss import LOSS_NAMES, LOSSES, NEGATIVES, cosine_triplet_loss, info_nce_loss
 from head.model import ATTENTIONS, Head, HeadConfig, save_checkpoint
 from infer.scoring import (
@@ -57,6 +46,17 @@ from infer.scoring import (
     ranking_metrics,
     uninformative,
 )
+from tll import FiniteFloat, UserError, UserPath, logger, user_errors
+from tll.data import (
+    N_CANDIDATES,
+    Dataset,
+    Query,
+    fold_splits,
+    read_dataset,
+    validation_split,
+)
+from tll.device import resolve_device
+from tll.files import atomic_output, check_output
 
 DEFAULT_RUNS_DIR = Path("runs")
 MAX_NAME_LENGTH = 100

@@ -16,16 +16,6 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from extract import FiniteFloat, UserError, UserPath, logger, user_errors
-from extract.data import (
-    CANDIDATE_COLUMNS,
-    Query,
-    image_id,
-    load_image,
-    read_dataset,
-    validation_split,
-)
-from extract.files import check_output, describe, file_start, write_text
 from infer.report import REPORT_TITLE, write_report_page
 from infer.scoring import (
     ASSIGN_METHODS,
@@ -38,6 +28,16 @@ from infer.scoring import (
     uninformative,
 )
 from infer.session import ModelInfo, open_session
+from tll import FiniteFloat, UserError, UserPath, logger, user_errors
+from tll.data import (
+    CANDIDATE_COLUMNS,
+    Query,
+    image_id,
+    load_image,
+    read_dataset,
+    validation_split,
+)
+from tll.files import check_output, describe, file_start, write_text
 
 DEFAULT_OUT = {"test": Path("submission.csv"), "val": Path("val-report.json")}
 

@@ -3,7 +3,7 @@
 Inline CSS, an inline SVG chart and small JPEG thumbnails as base64, no framework, no network.
 Each image is embedded once, in one list that a short inline script copies into the `<img>`s that
 show it; on window load the script counts the thumbnails that decoded (naturalWidth > 0) into the
-line at the bottom. Thumbnails are decoded by `extract.data.load_image`, like the model's input:
+line at the bottom. Thumbnails are decoded by `tll.data.load_image`, like the model's input:
 upright, at their depth, transparency on white.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from extract.data import Query, image_id, load_image
-from extract.files import write_text
 from infer.scoring import ranking_metrics, truth_ranks
+from tll.data import Query, image_id, load_image
+from tll.files import write_text
 
 REPORT_TITLE = "tll: error analysis"  # also how infer knows its own page, to rewrite it
 THUMBNAIL_HEIGHT = 56  # px

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from extract import UserError, logger
-from extract.data import DEFAULT_INTERPOLATION, INTERPOLATIONS
+from tll import UserError, logger
+from tll.data import DEFAULT_INTERPOLATION, INTERPOLATIONS
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # ONNX Runtime's logger severities: 3 = error, 4 = fatal

@@ -10,8 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from extract import logger
 from extract.synth import main as make_synthetic
+from tll import logger
 
 # Before torch is imported, here and in the `python -m extract` subprocesses (which inherit it):
 # the tests' small batches gain nothing from intra-op threads, and on a busy 2-core machine

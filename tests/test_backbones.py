@@ -23,7 +23,6 @@ import torch
 from conftest import REPO_ROOT, invoke_cli
 from PIL import Image
 
-from extract import UserError
 from extract.backbones import (
     CURATED,
     PINNED,
@@ -35,7 +34,6 @@ from extract.backbones import (
     resolve_backbone,
 )
 from extract.cache import read_features, read_info, read_keys
-from extract.data import DataError, load_image, read_dataset
 from extract.extract_features import cli
 from extract.extract_features import main as extract
 from head.export import build_network
@@ -43,6 +41,8 @@ from head.export import main as export
 from head.train import main as train
 from infer.predict import main as infer
 from infer.session import ModelInfo
+from tll import UserError
+from tll.data import DataError, load_image, read_dataset
 
 CLIP = "timm:vit_base_patch16_clip_quickgelu_224.openai"
 TINY_VIT = "timm:vit_tiny_patch16_224"  # 5.7M parameters: the end-to-end ViT

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from conftest import SMALL_PAIRS, SMALL_QUERIES
 from PIL import Image
 
-from extract.data import (
+from extract.extract_features import cli as extract_cli
+from tll.data import (
     DataError,
     Dataset,
     fold_splits,
@@ -23,7 +24,6 @@ from extract.data import (
     read_dataset,
     validation_split,
 )
-from extract.extract_features import cli as extract_cli
 
 
 def read_rows(path: Path) -> list[list[str]]:

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import invoke_cli
 
-from extract import UserError
 from extract.extract_features import main as extract
 from head import export as export_module
 from head.export import build_network, cli
 from head.export import main as export
 from head.train import main as train
+from tll import UserError
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 METADATA = {"backbone", "layer", "weights", "input_size", "embedding_dim", "tll_version",

@@ -27,7 +27,6 @@ import torchvision
 from click.testing import CliRunner
 from conftest import REPO_ROOT, invoke_cli
 
-from extract import UserError
 from extract.backbones import Trunk, TrunkSpec, WeightsUnavailable
 from extract.cache import (
     CacheError,
@@ -39,8 +38,9 @@ from extract.cache import (
     read_info,
     read_keys,
 )
-from extract.data import DataError, load_image, read_dataset
 from extract.extract_features import cli, default_cache_path, main
+from tll import UserError
+from tll.data import DataError, load_image, read_dataset
 
 SIZE = (64, 64)
 CHANNELS = {"vgg16": 512, "resnet50": 2048}

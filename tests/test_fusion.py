@@ -11,7 +11,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from extract import UserError
 from extract.cache import read_features, read_info, read_keys
 from extract.extract_features import main as extract
 from head.export import main as export
@@ -19,6 +18,7 @@ from head.model import load_checkpoint
 from head.train import cli as train_cli
 from head.train import main as train
 from infer.predict import main as infer
+from tll import UserError
 
 SIZE = (64, 64)
 SETTINGS = dict(epochs=2, batch_size=32, lr=3e-4, val_fraction=0.2, device="cpu")

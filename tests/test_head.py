@@ -15,7 +15,6 @@ import torch
 from conftest import TRAIN_SETTINGS, invoke_cli
 from PIL import Image
 
-from extract import UserError
 from extract.cache import (
     CacheWriter,
     partial_path,
@@ -48,6 +47,7 @@ from head.train import (
     pair_loss,
     validation_folds,
 )
+from tll import UserError
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 # the feature maps the two default trunks give at the dataset's native 245 x 200

@@ -27,9 +27,9 @@ from hostile import COMMANDS, SMALL, Case, World, run_case
 from PIL import Image
 
 from extract.cache import read_features, read_info, read_keys
-from extract.data import load_image
-from extract.files import lock_file
 from head import model as model_module
+from tll.data import load_image
+from tll.files import lock_file
 
 # --- run folders are the user's ---------------------------------------------------------------
 

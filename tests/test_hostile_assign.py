@@ -238,7 +238,7 @@ def test_sinkhorn_at_a_high_but_usable_temperature_keeps_the_order() -> None:
 def test_finite_float_refuses_inf_and_nan_but_takes_numbers() -> None:
     import click
 
-    from extract import FiniteFloat
+    from tll import FiniteFloat
 
     kind = FiniteFloat(min=0, min_open=True)
     assert kind.convert("0.5", None, None) == 0.5

@@ -14,8 +14,8 @@ import torch
 from hostile import SMALL, Case, World, run_case
 
 from extract.cache import partial_path, read_info, shard_path
-from extract.data import CANDIDATE_COLUMNS
-from extract.files import lock_file
+from tll.data import CANDIDATE_COLUMNS
+from tll.files import lock_file
 
 # --- the tool never writes through a link at its own working paths (#65, #66) -------------------
 

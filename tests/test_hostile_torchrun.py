@@ -21,9 +21,9 @@ from test_extract import assert_same_cache, done_rows
 from test_torchrun import free_port
 
 from extract.cache import shard_path, shard_paths
-from extract.data import read_dataset
 from extract.extract_features import cli as extract_cli
 from extract.extract_features import main
+from tll.data import read_dataset
 
 BATCH = 4
 

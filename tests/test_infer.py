@@ -19,12 +19,12 @@ import onnxruntime as ort
 import pytest
 from conftest import REPO_ROOT, TRAIN_PAIRS, TRAIN_QUERIES, TRAIN_SETTINGS, invoke_cli
 
-from extract.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation_split
 from extract.synth import plan_pairs
 from infer import predict
 from infer.predict import cli
 from infer.scoring import DEFAULT_ASSIGN, DEFAULT_TEMPERATURE, assign, ranking_metrics
 from infer.session import ModelInfo
+from tll.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation_split
 
 # the rules for a machine without a GPU; on one with a working CUDA provider they differ
 no_gpu = pytest.mark.skipif(Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists(),

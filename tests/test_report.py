@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.data import read_dataset, validation_split
 from infer.report import SHOWN, thumbnail, write_report_page
 from infer.scoring import assign, truth_ranks
+from tll.data import read_dataset, validation_split
 
 CHROMIUM = shutil.which("chromium")
 ROW = '<div class="q">'

@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO_ROOT
 
-from extract import UserError
 from head.sweep import SEARCH_SPACE, Space, cli, parse_param, search_space
 from head.train import TrainConfig
 from head.train import main as train
+from tll import UserError
 
 # small and quick: 3 folds of 100 pairs, 2 epochs, batches of 64
 QUICK = ["--folds", "3", "--param", "epochs=2", "--param", "batch_size=64", "--device", "cpu"]

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO_ROOT
 from test_extract import assert_same_cache, done_rows, stop_midway
 
-from extract import UserError, cache
+from extract import cache
 from extract.cache import (
     CacheError,
     CacheWriter,
@@ -35,9 +35,10 @@ from extract.cache import (
     shard_path,
     shard_paths,
 )
-from extract.data import read_dataset
 from extract.extract_features import blocks_to_do, main
-from extract.files import lock_file, lock_holder
+from tll import UserError
+from tll.data import read_dataset
+from tll.files import lock_file, lock_holder
 
 SIZE = (32, 32)
 BATCH = 4  # 88 images: 22 blocks, 11 for each of two ranks

@@ -23,7 +23,6 @@ from extract.cache import (
     read_info,
     read_keys,
 )
-from extract.data import load_image, read_dataset
 from extract.extract_features import default_cache_path
 from extract.extract_features import main as extract
 from head.export import build_network
@@ -31,6 +30,7 @@ from head.export import main as export
 from head.model import Head, HeadConfig, TLLNet, load_checkpoint
 from head.train import Fold, TrainConfig, Trainer, embed
 from head.train import main as train
+from tll.data import load_image, read_dataset
 
 SIZE = (64, 64)
 

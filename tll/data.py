@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from extract import UserError
+from tll import UserError
 
 N_CANDIDATES = 20
 DEFAULT_INPUT_SIZE = (245, 200)  # (H, W): the dataset's native size
