@@ -104,6 +104,26 @@ class _Blocks(TorchDataset):
         return rows, torch.from_numpy(images), None  # (B, 3, H, W)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """What `main` was asked, checked and put in one place: the layers and their caches in the
+    same order (an out None: that layer's default name), the device resolved (under torchrun
+    each rank runs on its own GPU of that type)."""
+
+    backbone: str
+    data: str | Path
+    outs: tuple[str | Path | None, ...]
+    layers: tuple[str | None, ...]
+    weights: str
+    input_size: tuple[int, int] | None  # None: the backbone's own
+    device: torch.device
+    batch_size: int
+    workers: int | None  # None: default_workers
+    amp: bool
+    hflip: bool
+    overwrite: bool
+
+
 def main(
     backbone: str,
     data: str | Path,
@@ -134,46 +154,77 @@ def main(
     outs = outs if len(outs) == len(layers) else [None] * len(layers)
     torch_device = resolve_device(device)
     ranks = Ranks.from_environment()
-    input_size = tuple(input_size) if input_size else None
-    if ranks is not None:
-        paths = _main_ranked(ranks, torch_device, backbone, data, outs, layers, weights,
-                             input_size, batch_size, workers, amp, hflip, overwrite)
-    else:
-        paths = _main(torch_device, backbone, data, outs, layers, weights, input_size,
-                      batch_size, workers, amp, hflip, overwrite)
+    config = ExtractConfig(
+        backbone=backbone, data=data, outs=tuple(outs), layers=tuple(layers), weights=weights,
+        input_size=tuple(input_size) if input_size else None, device=torch_device,
+        batch_size=batch_size, workers=workers, amp=amp, hflip=hflip, overwrite=overwrite)
+    paths = _extract(config, ranks)
     return paths[0] if len(paths) == 1 else paths
 
 
-def _main(device: torch.device, backbone: str, data: str | Path, outs: list, layers: list,
-          weights: str, input_size: tuple[int, int] | None, batch_size: int,
-          workers: int | None, amp: bool, hflip: bool, overwrite: bool) -> list[Path]:
-    dataset, specs, outs, trunk = _prepare(backbone, data, outs, layers, weights, input_size,
-                                           hflip)
-    workers = default_workers(device) if workers is None else workers
-    keys = dataset.keys()
-    infos = _cache_infos(dataset, specs, trunk, hflip)
-    _log_start(infos, len(keys), outs)
-    # everything so far only read; from here on the caches are written, by one process at a time
-    with contextlib.ExitStack() as held:
-        writers, missing = _open_writers(held, outs, infos, dataset, overwrite)
-        if len(missing):
-            _run(trunk, writers, [dataset.images[k] for k in keys], missing, device,
-                 batch_size, workers, amp)
-        else:
+def _extract(config: ExtractConfig, ranks: Ranks | None) -> list[Path]:
+    """The extraction, in one process (`ranks` None) or on each of torchrun's: there every
+    stretch that can fail on some ranks only ends `together`, rank 0 alone opens and finishes
+    the caches, and each rank computes its share of the blocks into shards of its own. The
+    collectives come in the same order on every rank."""
+    master = ranks is None or ranks.master
+    with _group(ranks, config.device) as device, contextlib.ExitStack() as held:
+        with _together(ranks):  # every rank reads its input and resolves what it would write
+            dataset, specs, outs, trunk = _prepare(config)
+            infos = _cache_infos(dataset, specs, trunk, config.hflip)
+        if ranks is not None:
+            same_everywhere(_plan(infos, outs, config.amp and device.type == "cuda"))
+        # everything so far only read; from here on the caches are written, by one process at
+        # a time (rank 0; the other ranks write shards)
+        todo, writers = None, []
+        with _together(ranks):
+            if master:
+                keys = dataset.keys()
+                _log_start(infos, len(keys), outs)
+                # they take in the shards an interrupted run left, before any rank starts its own
+                writers, missing = _open_writers(held, outs, infos, dataset, config.overwrite)
+                todo = blocks_to_do(len(keys), config.batch_size, missing)
+        if ranks is not None:
+            todo = share(todo)
+        if todo:
+            if ranks is not None and ranks.master:
+                logger.info("%d blocks of up to %d images dealt out to %d process%s (%s), "
+                            "each writing its own shards beside %s", len(todo),
+                            config.batch_size, ranks.world, "es" if ranks.world > 1 else "",
+                            dist.get_backend(), " and ".join(map(str, outs)))
+            _run(ranks, trunk, writers, outs, dataset, infos, todo, device, config)
+        elif master:
             logger.info("%s already complete", " and ".join(map(str, outs)))
-        return [writer.finish() for writer in writers]
+        with _together(ranks):  # every shard is closed: rank 0 copies them in and finishes
+            for writer in writers:
+                if ranks is not None:
+                    writer.take_shards()
+                writer.finish()
+    return outs
 
 
-def _prepare(backbone: str, data: str | Path, outs: list, layers: list, weights: str,
-             input_size: tuple[int, int] | None,
-             hflip: bool) -> tuple[Dataset, list[TrunkSpec], list[Path], Trunk]:
+def _group(ranks: Ranks | None,
+           device: torch.device) -> contextlib.AbstractContextManager[torch.device]:
+    """torchrun's process group for the `with` block, which gets this rank's device; in one
+    process nothing, and `device`."""
+    return contextlib.nullcontext(device) if ranks is None else process_group(ranks, device)
+
+
+def _together(ranks: Ranks | None) -> contextlib.AbstractContextManager[None]:
+    """`together` under torchrun; in one process an error is raised as it is."""
+    return contextlib.nullcontext() if ranks is None else together()
+
+
+def _prepare(config: ExtractConfig) -> tuple[Dataset, list[TrunkSpec], list[Path], Trunk]:
     """Read and check what the extraction reads, before anything is written: the dataset, the
     trunk (cut at every layer), and where each layer's cache goes."""
-    dataset = read_dataset(data)
-    first = TrunkSpec.resolve(backbone, layers[0], weights, input_size)
-    specs = [dataclasses.replace(first, layer=layer) if layer else first for layer in layers]
-    outs = [Path(out) if out else default_cache_path(spec, hflip)
-            for out, spec in zip(outs, specs, strict=True)]
+    dataset = read_dataset(config.data)
+    first = TrunkSpec.resolve(config.backbone, config.layers[0], config.weights,
+                              config.input_size)
+    specs = [dataclasses.replace(first, layer=layer) if layer else first
+             for layer in config.layers]
+    outs = [Path(out) if out else default_cache_path(spec, config.hflip)
+            for out, spec in zip(config.outs, specs, strict=True)]
     if len(set(outs)) < len(outs):
         raise UserError(f"two layers would write one cache: {', '.join(map(str, outs))}")
     for out in outs:
@@ -215,21 +266,47 @@ def _log_start(infos: list[CacheInfo], images: int, outs: list[Path]) -> None:
                           for info, out in zip(infos, outs, strict=True)))
 
 
-def _run(trunk: Trunk, writers: list[CacheWriter], paths: list[Path], missing: np.ndarray,
-         device: torch.device, batch_size: int, workers: int, amp: bool) -> None:
-    """Compute every block that holds a row some cache misses, and write it to every cache
-    not yet complete (a row it already holds is computed in the same block again, so it is
-    rewritten with the same values)."""
-    blocks = blocks_to_do(len(paths), batch_size, missing)
-    open_writers = [writer for writer in writers if not writer.is_complete]
-    with tqdm(total=sum(len(b) for b in blocks), unit="img", desc="extract",
-              dynamic_ncols=True) as bar:
-        for rows, per_layer in _computed(trunk, paths, blocks, device, workers, amp,
-                                         writers[0].info.views):
-            for writer, features in zip(writers, per_layer, strict=True):
-                if writer in open_writers:
-                    writer.write(rows, features)
-            bar.update(len(rows))
+def _run(ranks: Ranks | None, trunk: Trunk, writers: list[CacheWriter], outs: list[Path],
+         dataset: Dataset, infos: list[CacheInfo], todo: list[np.ndarray], device: torch.device,
+         config: ExtractConfig) -> None:
+    """Compute the blocks of `todo` and write them. In one process: every block, to every
+    cache in `writers` not yet complete (a row it already holds is computed in the same block
+    again, so it is rewritten with the same values). Under torchrun: this rank's blocks (block
+    b to rank b mod N), to its own shard of each cache, in step with the other ranks: after
+    each block they add up their progress for rank 0's bar, and stop together if one of them
+    failed."""
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    workers = config.workers
+    if workers is None:
+        workers = default_workers(device, 1 if ranks is None else ranks.local_world)
+    keys = dataset.keys()
+    mine = _computed(trunk, [dataset.images[k] for k in keys], todo[rank::world], device,
+                     workers, config.amp, infos[0].views)
+    with contextlib.ExitStack() as held:
+        if ranks is None:
+            sinks = [None if writer.is_complete else writer for writer in writers]
+        else:
+            digests = dataset.digests()  # hashed for the fingerprint already
+            with together():
+                sinks = [held.enter_context(ShardWriter(out, rank, keys, digests, info))
+                         for out, info in zip(outs, infos, strict=True)]
+        with tqdm(total=sum(len(b) for b in todo), unit="img", desc="extract",
+                  dynamic_ncols=True, disable=rank != 0) as bar:
+            for _ in range(-(-len(todo) // world)):  # a rank past its last block joins in
+                error, done = None, 0
+                try:
+                    block = next(mine, None)
+                    if block is not None:
+                        rows, per_layer = block
+                        for sink, features in zip(sinks, per_layer, strict=True):
+                            if sink is not None:
+                                sink.write(rows, features)
+                        done = len(rows)
+                except Exception as caught:
+                    if ranks is None:  # alone: stop here
+                        raise
+                    error = caught
+                bar.update(done if ranks is None else agree(error, done))
 
 
 def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device: torch.device,
@@ -257,43 +334,6 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device:
         yield np.asarray(rows), per_layer
 
 
-def _main_ranked(ranks: Ranks, device: torch.device, backbone: str, data: str | Path,
-                 outs: list, layers: list, weights: str, input_size: tuple[int, int] | None,
-                 batch_size: int, workers: int | None, amp: bool, hflip: bool,
-                 overwrite: bool) -> list[Path]:
-    """`main` on one of torchrun's processes."""
-    with process_group(ranks, device) as device, contextlib.ExitStack() as held:
-        todo, writers = None, []
-        with together():  # every rank reads its input and resolves what it would write
-            dataset, specs, outs, trunk = _prepare(backbone, data, outs, layers, weights,
-                                                   input_size, hflip)
-            infos = _cache_infos(dataset, specs, trunk, hflip)
-        same_everywhere(_plan(infos, outs, amp and device.type == "cuda"))
-        with together():  # rank 0 opens the caches
-            if ranks.master:
-                keys = dataset.keys()
-                _log_start(infos, len(keys), outs)
-                # they take in the shards an interrupted run left, before any rank starts its own
-                writers, missing = _open_writers(held, outs, infos, dataset, overwrite)
-                todo = blocks_to_do(len(keys), batch_size, missing)
-        todo, digests = share(todo), dataset.digests()  # digests: hashed for the fingerprint
-        if todo:
-            if ranks.master:
-                logger.info("%d blocks of up to %d images dealt out to %d process%s (%s), "
-                            "each writing its own shards beside %s", len(todo), batch_size,
-                            ranks.world, "es" if ranks.world > 1 else "", dist.get_backend(),
-                            " and ".join(map(str, outs)))
-            workers = default_workers(device, ranks.local_world) if workers is None else workers
-            _run_ranked(ranks, trunk, outs, dataset, digests, infos, todo, device, workers, amp)
-        elif ranks.master:
-            logger.info("%s already complete", " and ".join(map(str, outs)))
-        with together():  # every shard is closed: rank 0 copies them in and finishes the caches
-            for writer in writers:
-                writer.take_shards()
-                writer.finish()
-    return outs
-
-
 def _plan(infos: list[CacheInfo], outs: list[Path], amp: bool) -> dict[str, tuple[str, object]]:
     """What must be the same on every rank, for `same_everywhere`: each entry as the user gave
     it and as resolved (weights by their content, the dataset by its images', paths real); the
@@ -313,35 +353,6 @@ def _plan(infos: list[CacheInfo], outs: list[Path], amp: bool) -> dict[str, tupl
             f"{first.torch_version}, {first.torchvision_version}, {first.timm_version}",
             (first.torch_version, first.torchvision_version, first.timm_version)),
     }
-
-
-def _run_ranked(ranks: Ranks, trunk: Trunk, outs: list[Path], dataset: Dataset,
-                digests: list[str], infos: list[CacheInfo], todo: list[np.ndarray],
-                device: torch.device, workers: int, amp: bool) -> None:
-    """This rank's blocks of `todo` (block b to rank b mod N) into its own shard of each cache,
-    in step with the other ranks: after each block they add up their progress for rank 0's
-    bar, and stop together if one of them failed."""
-    keys = dataset.keys()
-    mine = _computed(trunk, [dataset.images[k] for k in keys], todo[ranks.rank::ranks.world],
-                     device, workers, amp, infos[0].views)
-    with contextlib.ExitStack() as held:
-        with together():
-            shards = [held.enter_context(ShardWriter(out, ranks.rank, keys, digests, info))
-                      for out, info in zip(outs, infos, strict=True)]
-        with tqdm(total=sum(len(b) for b in todo), unit="img", desc="extract",
-                  dynamic_ncols=True, disable=not ranks.master) as bar:
-            for _ in range(-(-len(todo) // ranks.world)):  # a rank past its last block joins in
-                error, done = None, 0
-                try:
-                    block = next(mine, None)
-                    if block is not None:
-                        rows, per_layer = block
-                        for shard, features in zip(shards, per_layer, strict=True):
-                            shard.write(rows, features)
-                        done = len(rows)
-                except Exception as caught:
-                    error = caught
-                bar.update(agree(error, done))
 
 
 def list_backbones(context: click.Context, _parameter, value: bool) -> None:
