@@ -11,7 +11,8 @@ InfoNCE: logits_ij = a_i . p_j / temperature; the cross-entropy of each left ove
 (its own right is the class) and of each right over the lefts, averaged.
 
 `pair_loss` is the one place a training config picks its loss: a new loss is a function here,
-a line there, and its name in LOSSES (plus any setting of its own in head.config).
+a branch there and its name in LOSSES and LOSS_NAMES, plus its own settings, if any, as
+TrainConfig fields and options in head.config.
 """
 
 from __future__ import annotations
