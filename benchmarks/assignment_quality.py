@@ -19,20 +19,11 @@ from pathlib import Path
 import click
 import common  # noqa: F401  (sets TQDM_DISABLE before the project's modules import tqdm)
 import numpy as np
-import torch
 
-from extract.cache import read_info
-from head.train import (
-    TrainConfig,
-    Trainer,
-    embed,
-    evaluate,
-    frozen_baseline,
-    head_config_for,
-    load_pairs,
-    summarize,
-    validation_folds,
-)
+from head.config import TrainConfig
+from head.figures import evaluate, frozen_baseline, summarize
+from head.folds import prepare
+from head.train import Trainer, embed
 
 METHODS = [("none", None), ("hungarian", None)] + [("sinkhorn", t)
                                                    for t in (0.05, 0.1, 0.2, 0.5, 1.0)]
@@ -58,13 +49,12 @@ def top2_by_method(embeddings: np.ndarray, fold) -> dict[str, float]:
 def cli(caches: tuple[Path, ...], folds: int, epochs: int, seed: int) -> None:
     """Validation top-2 per assignment method, k-fold mean +- SE, for each CACHE."""
     for cache in caches:
-        info = read_info(cache)
         config = TrainConfig(caches=(str(cache),), name="assignment", epochs=epochs, folds=folds,
                              seed=seed, device="cpu")
-        pairs = load_pairs([cache], [info], None, torch.device("cpu"))
-        fold_list = validation_folds(pairs, config)
-        head_config = head_config_for([info], config)
-        trainers = [Trainer(fold, head_config, config, progress=False) for fold in fold_list]
+        prepared = prepare([cache], config)
+        info, fold_list = prepared.infos[0], prepared.folds
+        trainers = [Trainer(fold, prepared.head_config(config), config, progress=False)
+                    for fold in fold_list]
         frozen = summarize([
             {label(m, t): figure(frozen_baseline(fold, dataclasses.replace(
                 config, assign=m, assign_temperature=t or 1.0)), m) for m, t in METHODS}

@@ -24,17 +24,11 @@ from pathlib import Path
 
 import click
 import common  # noqa: F401  (sets TQDM_DISABLE before the project's modules import tqdm)
-import torch
 
-from head.train import (
-    TrainConfig,
-    best_epoch,
-    cross_validate,
-    head_config_for,
-    load_pairs,
-    read_caches,
-    validation_folds,
-)
+from head.config import TrainConfig
+from head.figures import best_epoch
+from head.folds import prepare
+from head.train import cross_validate
 
 # the levers of issue 12 one at a time, on the head before them
 LEVERS = {
@@ -64,16 +58,14 @@ BEFORE = {"loss": "triplet", "features_dim": 0, "dropout": 0.0, "flip": False, "
 def score(caches: list[Path], configs: dict[str, dict], folds: int, epochs: int, seed: int,
           split_seed: int) -> list[tuple[str, dict, float]]:
     """(name, the best epoch's summary, seconds per epoch) of each configuration."""
-    infos = read_caches(caches)
-    pairs = load_pairs(caches, infos, None, torch.device("cpu"))
     base = TrainConfig(caches=tuple(map(str, caches)), name="compare", folds=folds,
                        epochs=epochs, seed=seed, split_seed=split_seed, device="cpu")
-    fold_list = validation_folds(pairs, base)
+    prepared = prepare(caches, base)
     results = []
     for name, options in configs.items():
         config = dataclasses.replace(base, **options)
         started = time.perf_counter()
-        history = cross_validate(fold_list, head_config_for(infos, config), config,
+        history = cross_validate(prepared.folds, prepared.head_config(config), config,
                                  progress=False)
         seconds = (time.perf_counter() - started) / epochs
         best = best_epoch(history, config)

@@ -32,8 +32,11 @@ from compare_configs import SWEEP_HEAD
 
 from extract.backbones import PINNED, Trunk, TrunkSpec
 from extract.cache import read_info
-from head.model import GridMaxPool, Head, HeadConfig
-from head.train import Fold, TrainConfig, load_pairs, make_fold, pair_loss, train_epoch
+from head.config import TrainConfig, head_config_for
+from head.folds import Fold, load_pairs, make_fold
+from head.loss import pair_loss
+from head.model import GridMaxPool, Head
+from head.train import train_epoch
 from tll import UserError
 from tll.data import DEFAULT_INPUT_SIZE
 
@@ -108,9 +111,7 @@ def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig
     """A measure: one epoch of train_epoch (the same head and optimizer, epoch after epoch),
     as head.train does it, or under a `what_if` variant."""
     torch.manual_seed(config.seed)
-    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
-                           pool=config.pool, attention=config.attention,
-                           features_dim=config.features_dim, dropout=config.dropout))
+    head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -129,9 +130,7 @@ def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainC
     """A measure: one training step of `pairs` pairs through trunk + head, extrapolated to
     seconds per epoch of PAIRS pairs."""
     torch.manual_seed(config.seed)
-    head = Head(HeadConfig(feature_shapes=(shape,), embedding_dim=config.embedding_dim,
-                           pool=config.pool, attention=config.attention,
-                           features_dim=config.features_dim, dropout=config.dropout))
+    head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(0)

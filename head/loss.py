@@ -9,12 +9,21 @@ x . y is their cosine.
 Triplet: distance D(x, y) = 1 - x . y; value max(0, D(a_i, p_i) - D(a_i, p_j) + margin).
 InfoNCE: logits_ij = a_i . p_j / temperature; the cross-entropy of each left over the rights
 (its own right is the class) and of each right over the lefts, averaged.
+
+`pair_loss` is the one place a training config picks its loss: a new loss is a function here,
+a branch there and its name in LOSSES and LOSS_NAMES, plus its own settings, if any, as
+TrainConfig fields and options in head.config.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from head.config import TrainConfig
 
 NEGATIVES = ("all", "hard", "semihard")
 LOSSES = ("triplet", "infonce")
@@ -59,3 +68,10 @@ def cosine_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: 
     if not violating.any():
         return values.sum() * 0  # zero, still attached to the graph
     return values[violating].mean()
+
+
+def pair_loss(anchors: torch.Tensor, positives: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The configured loss of a batch of (B, D) anchor and positive embeddings."""
+    if config.loss == "infonce":
+        return info_nce_loss(anchors, positives, config.temperature)
+    return cosine_triplet_loss(anchors, positives, config.margin, config.negatives)

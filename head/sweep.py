@@ -30,22 +30,18 @@ from pathlib import Path
 import click
 import optuna
 
-from head.loss import LOSSES, NEGATIVES
-from head.model import ATTENTIONS
-from head.train import (
+from head.config import (
     DEFAULT_RUNS_DIR,
+    TRAIN_OPTIONS,
     TrainConfig,
-    best_epoch,
     check_config,
     check_run_name,
-    cross_validate,
-    head_config_for,
-    load_pairs,
-    read_caches,
-    selection_figure,
-    validation_folds,
 )
-from head.train import cli as train_cli
+from head.figures import best_epoch, selection_figure
+from head.folds import prepare, read_caches
+from head.loss import LOSSES, NEGATIVES
+from head.model import ATTENTIONS
+from head.train import cross_validate
 from infer.scoring import ASSIGN_METHODS
 from tll import UserError, UserPath, first_line, logger, user_errors
 from tll.device import resolve_device
@@ -109,8 +105,6 @@ STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature")
 FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "val_fraction")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in FIXED_FIELDS}
-# head.train's own options: their types and ranges are what every --param value must pass
-TRAIN_OPTIONS = {option.name: option for option in train_cli.params}
 
 
 def parse_param(text: str) -> tuple[str, Space]:
@@ -162,7 +156,8 @@ def search_space(params: list[str]) -> dict[str, Space]:
 
 def check_space(space: dict[str, Space], fixed: dict) -> None:
     """Every value a trial can draw (a fixed value, each choice, both ends of a range) must be
-    one head.train takes: its option's own type and range, then its own config check."""
+    one head.train takes: its option's own type and range (TRAIN_OPTIONS), then its own config
+    check."""
     for name, where in space.items():
         option = TRAIN_OPTIONS[name]
         for value in where.values():
@@ -206,9 +201,8 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     the_study = _open_study(study_name, storage, infos, fixed, space, sampler_seed)
     figure = selection_figure(TrainConfig(**fixed))
 
-    torch_device = resolve_device(device)
-    pairs = load_pairs(caches, infos, Path(data) if data else None, torch_device)
-    fold_list = validation_folds(pairs, TrainConfig(**fixed))  # once, for every trial
+    # once, for every trial
+    prepared = prepare(caches, TrainConfig(**fixed), data, resolve_device(device), infos)
     logger.info("sweep %s (%s): %d trials of %d-fold cross-validation on %s, scored by %s; "
                 "%d trials already in the study", study_name, storage, trials, folds,
                 " + ".join(map(str, caches)), figure, len(the_study.trials))
@@ -223,8 +217,8 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
 
         try:
             check_config(config)
-            history = cross_validate(fold_list, head_config_for(infos, config), config, report,
-                                     progress=False)
+            history = cross_validate(prepared.folds, prepared.head_config(config), config,
+                                     report, progress=False)
         except UserError as error:  # this config does not train (it diverged...): the next may
             trial.set_user_attr("error", str(error))  # for _log_trial and the final message
             raise

@@ -23,9 +23,13 @@ from extract.cache import (
     read_info,
     read_keys,
 )
+from head import loss as loss_module
 from head import train as train_module
+from head.config import TrainConfig
 from head.export import describe
-from head.loss import cosine_triplet_loss, info_nce_loss
+from head.figures import evaluate
+from head.folds import Fold, all_pairs_fold, load_pairs, validation_folds
+from head.loss import cosine_triplet_loss, info_nce_loss, pair_loss
 from head.model import (
     ATTENTIONS,
     GridMaxPool,
@@ -35,18 +39,7 @@ from head.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from head.train import (
-    Fold,
-    TrainConfig,
-    Trainer,
-    all_pairs_fold,
-    cli,
-    embed,
-    evaluate,
-    load_pairs,
-    pair_loss,
-    validation_folds,
-)
+from head.train import Trainer, cli, embed
 from tll import UserError
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
@@ -503,14 +496,14 @@ def test_nan_loss_names_epoch_and_batch(train_cache: Path, tmp_path: Path,
     """The loss turns NaN at the 3rd batch of epoch 2 (240 train pairs in batches of 32 make
     8 batches an epoch): the message says where, and the half-written run is removed."""
     calls = []
-    real_loss = train_module.cosine_triplet_loss
+    real_loss = loss_module.cosine_triplet_loss
 
     def loss_that_breaks(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 8 + 3 else loss
 
-    monkeypatch.setattr(train_module, "cosine_triplet_loss", loss_that_breaks)
+    monkeypatch.setattr(loss_module, "cosine_triplet_loss", loss_that_breaks)
     runs = tmp_path / "runs"
     result = invoke(*train_args(train_cache, runs, "--loss", "triplet", "--batch-size", "32",
                                 "--val-fraction", "0.2", "--epochs", "3"))

@@ -448,7 +448,7 @@ def test_val_split_of_another_dataset_is_refused(model: Path, synthetic: Path,
 def test_real_validation_split_has_160_queries(real_data: Path) -> None:
     """The split infer rebuilds for a model trained with head.train's defaults (what head.export
     writes: val_fraction and split_seed as text)."""
-    from head.train import TrainConfig
+    from head.config import TrainConfig
 
     defaults = TrainConfig(caches=("",), name="")
     info = ModelInfo.from_metadata(Path("model.onnx"), {

@@ -10,8 +10,10 @@ from pathlib import Path
 import matplotlib.axes
 import pytest
 
+from head.config import TrainConfig
+from head.figures import best_epoch, summarize
 from head.loss import LOSSES
-from head.train import TrainConfig, best_epoch, plot_curves, summarize
+from head.report import plot_curves
 
 
 def config(assign: str) -> TrainConfig:

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO_ROOT
 
+from head.config import TrainConfig
 from head.sweep import SEARCH_SPACE, Space, cli, parse_param, search_space
-from head.train import TrainConfig
 from head.train import main as train
 from tll import UserError
 

@@ -25,10 +25,12 @@ from extract.cache import (
 )
 from extract.extract_features import default_cache_path
 from extract.extract_features import main as extract
+from head.config import TrainConfig
 from head.export import build_network
 from head.export import main as export
+from head.folds import Fold
 from head.model import Head, HeadConfig, TLLNet, load_checkpoint
-from head.train import Fold, TrainConfig, Trainer, embed
+from head.train import Trainer, embed
 from head.train import main as train
 from tll.data import load_image, read_dataset
 
