@@ -466,8 +466,9 @@ def _plot(study: optuna.Study, work: Path) -> None:
               help="Dataset folder [default: the one the cache was built from].")
 @click.option("--assign", type=click.Choice(ASSIGN_METHODS), default=TrainConfig.assign,
               help="The assignment every trial is scored with (as head.train's).")
-@click.option("--assign-temperature", type=click.FloatRange(min=0, min_open=True),
-              default=TrainConfig.assign_temperature)
+@click.option("--assign-temperature", type=TRAIN_OPTIONS["assign_temperature"].type,
+              default=TrainConfig.assign_temperature,
+              help="Sinkhorn's temperature (as head.train's).")
 @click.option("--split-seed", type=int, default=0, help="Draws the folds.")
 @click.option("--seed", type=int, default=0, help="Initialisation and batch order of trials.")
 @click.option("--sampler-seed", type=int, default=None,
