@@ -16,6 +16,7 @@ the ratio ONNX / torch is the median of the per-round ratios. Target >= 1.3.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,7 @@ def make_run(backbone: str, data: Path, scratch: Path) -> Path:
     spec = TrunkSpec.resolve(backbone, None, "none")
     trunk = Trunk(spec)
     info = CacheInfo(
-        backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
-        weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
-        input_size=spec.input_size, feature_shape=trunk.output_shape(),
+        **dataclasses.asdict(spec), feature_shape=trunk.output_shape(),
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version="-")
     keys = dataset.keys()

@@ -21,9 +21,7 @@ size happens before, in `tll.data.load_image`, with the interpolation recorded i
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +32,9 @@ from torch import nn
 from torchvision import models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from extract.trunk_spec import TrunkSpec, WeightsUnavailable, file_id
 from tll import UserError, first_line, is_out_of_memory
-from tll.data import DEFAULT_INPUT_SIZE, DEFAULT_INTERPOLATION, INTERPOLATIONS
+from tll.data import DEFAULT_INPUT_SIZE, INTERPOLATIONS
 
 TIMM = "timm:"  # the prefix of a timm model name on --backbone
 GLOBAL = "global"  # the --layer of a timm model's image embedding (a vector)
@@ -86,10 +85,6 @@ CURATED = (
     Curated("timm:vit_small_patch14_dinov2.lvd142m", "blocks.11", (518, 518), (384, 37, 37),
             (384,), 1.0),
 )
-
-
-class WeightsUnavailable(UserError, RuntimeError):
-    """The requested weights cannot be had; the message says what to pass instead."""
 
 
 @dataclass(frozen=True)
@@ -175,65 +170,25 @@ def _unknown_backbone(name: str, known: list[str], detail: str = "") -> str:
             "shows a curated few")
 
 
-@dataclass(frozen=True)
-class TrunkSpec:
-    """Everything needed to rebuild the very same trunk; stored in caches, checkpoints, ONNX."""
-
-    backbone: str
-    layer: str
-    weights: str  # "imagenet" | "pretrained", "none" or the absolute path of a state dict
-    weights_id: str  # a torchvision enum name, a hub id, "random-init seed N", or "sha256:<hex>"
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    input_size: tuple[int, int]  # (H, W) fed to the trunk
-    interpolation: str  # how `load_image` resizes to input_size
-
-    @classmethod
-    def resolve(cls, backbone: str, layer: str | None = None, weights: str = "pretrained",
-                input_size: tuple[int, int] | None = None) -> TrunkSpec:
-        """The spec of `--backbone --layer --weights --input-size`; None: the model's own."""
-        entry = resolve_backbone(backbone)
-        if weights in PRETRAINED:
-            weights, weights_id = entry.weights_word, entry.weights_id
-        elif weights == "none":
-            weights_id = f"random-init seed {RANDOM_INIT_SEED}"
-        else:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise WeightsUnavailable(f"weights file {path} does not exist (--weights takes "
-                                         "pretrained, none or the path of a state dict)")
-            # absolute, so that export finds it from any folder
-            weights, weights_id = str(path.resolve()), file_id(path)
-        return cls(entry.name, layer or entry.layer or _default_cut(entry), weights, weights_id,
-                   entry.mean, entry.std, tuple(input_size or entry.input_size),
-                   entry.interpolation)
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> TrunkSpec:
-        """The spec recorded in a cache's (or a checkpoint's) metadata; one written before
-        interpolation was recorded resized bilinearly."""
-        return cls(meta["backbone"], meta["layer"], meta["weights"], meta["weights_id"],
-                   tuple(meta["mean"]), tuple(meta["std"]), tuple(meta["input_size"]),
-                   meta.get("interpolation", DEFAULT_INTERPOLATION))
-
-    def with_weights_file(self, path: str | Path) -> TrunkSpec:
-        """The same trunk with its state dict found at `path` (moved since extraction); refused
-        unless the file is the very one the cache was built with."""
-        path = Path(path).expanduser()
-        if not self.weights_id.startswith("sha256:"):
-            raise UserError(f"this trunk's weights are {self.weights!r}, not a file: "
-                            "--weights PATH does not apply")
+def resolve_trunk(backbone: str, layer: str | None = None, weights: str = "pretrained",
+                  input_size: tuple[int, int] | None = None) -> TrunkSpec:
+    """The spec of `--backbone --layer --weights --input-size` (`TrunkSpec.resolve`); None:
+    the model's own."""
+    entry = resolve_backbone(backbone)
+    if weights in PRETRAINED:
+        weights, weights_id = entry.weights_word, entry.weights_id
+    elif weights == "none":
+        weights_id = f"random-init seed {RANDOM_INIT_SEED}"
+    else:
+        path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsUnavailable(f"weights file {path} does not exist")
-        if file_id(path) != self.weights_id:
-            raise WeightsUnavailable(f"weights file {path} is not the one the cache was built "
-                                     f"with (expected {self.weights_id})")
-        return dataclasses.replace(self, weights=str(path.resolve()))
-
-
-def file_id(path: Path) -> str:
-    """`sha256:<hex>` of a weights file: how caches and runs name the very file they used."""
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+            raise WeightsUnavailable(f"weights file {path} does not exist (--weights takes "
+                                     "pretrained, none or the path of a state dict)")
+        # absolute, so that export finds it from any folder
+        weights, weights_id = str(path.resolve()), file_id(path)
+    return TrunkSpec(entry.name, layer or entry.layer or _default_cut(entry), weights,
+                     weights_id, entry.mean, entry.std, tuple(input_size or entry.input_size),
+                     entry.interpolation)
 
 
 def _default_cut(entry: Backbone) -> str:

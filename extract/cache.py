@@ -59,8 +59,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract.trunk_spec import TrunkSpec
 from tll import UserError, logger
-from tll.data import DEFAULT_INTERPOLATION
 from tll.files import (
     HDF5_SIGNATURE,
     describe,
@@ -89,21 +89,16 @@ class CacheError(UserError, ValueError):
     """A cache that is missing, incomplete, damaged, or does not match what was asked for."""
 
 
-@dataclass(frozen=True)
-class CacheInfo:
-    backbone: str
-    layer: str
-    weights: str
-    weights_id: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    input_size: tuple[int, int]  # (H, W)
+@dataclass(frozen=True, kw_only=True)
+class CacheInfo(TrunkSpec):
+    """A cache's attributes: the trunk it was cut from (`TrunkSpec`'s fields), what its rows
+    hold, and from what."""
+
     feature_shape: tuple[int, ...]  # (C, h, w) of a map or (D,) of a vector
     dataset: str
     dataset_fingerprint: str
     torch_version: str
     torchvision_version: str
-    interpolation: str = DEFAULT_INTERPOLATION  # absent in schema 2
     timm_version: str = ""  # absent in schema 2
     views: tuple[str, ...] = ("identity",)  # the image as it is [, flipped left to right]
     dtype: str = "float16"
@@ -135,17 +130,10 @@ def _read_info(file: h5py.File, path: Path) -> CacheInfo:
     if missing:
         raise CacheError(f"{path} is damaged (it lacks {', '.join(dict.fromkeys(missing))}); "
                          "rebuild it with `python -m extract ... --overwrite`")
-    values = {}
-    for field in dataclasses.fields(CacheInfo):
-        if field.name not in attrs:  # schema 2: the field's default
-            continue
-        value = attrs[field.name]
-        if isinstance(value, np.ndarray):
-            value = tuple(value.tolist())
-        elif isinstance(value, np.generic):
-            value = value.item()
-        values[field.name] = value
-    return CacheInfo(**values)
+    # numpy's arrays and scalars as Python's; a field absent (schema 2) takes its default
+    return CacheInfo.from_metadata({
+        name: value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+        for name, value in attrs.items()})
 
 
 def foreign_cache(path: Path) -> str | None:

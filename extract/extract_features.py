@@ -247,10 +247,7 @@ def _open_writers(held: contextlib.ExitStack, outs: list[Path], infos: list[Cach
 def _cache_infos(dataset: Dataset, specs: list[TrunkSpec], trunk: Trunk,
                  hflip: bool) -> list[CacheInfo]:
     return [CacheInfo(
-        backbone=spec.backbone, layer=spec.layer, weights=spec.weights,
-        weights_id=spec.weights_id, mean=spec.mean, std=spec.std,
-        input_size=spec.input_size, interpolation=spec.interpolation,
-        feature_shape=shape,
+        **dataclasses.asdict(spec), feature_shape=shape,
         dataset=str(dataset.root.resolve()), dataset_fingerprint=dataset.fingerprint(),
         torch_version=str(torch.__version__), torchvision_version=str(torchvision.__version__),
         timm_version=str(timm.__version__), views=views_of(hflip),

@@ -9,7 +9,6 @@ against eager torch in ONNX Runtime at two batch sizes before it is kept.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
@@ -18,8 +17,10 @@ import numpy as np
 import onnx
 import torch
 
-from extract.backbones import GLOBAL, Trunk, TrunkSpec, file_id
+from extract.backbones import GLOBAL, Trunk
+from extract.trunk_spec import TrunkSpec, file_id
 from head.model import TLLNet, load_checkpoint
+from infer.model_info import TRUNK_KEYS, ModelInfo
 from tll import UserError, UserPath, __version__, logger, user_errors
 from tll.files import atomic_output, check_output
 
@@ -75,38 +76,35 @@ def shared_trunks(specs: list[TrunkSpec]) -> list[list[int]]:
     return list(groups.values())
 
 
-def describe(checkpoint: dict) -> dict[str, str]:
-    """The metadata_props of the exported file: everything `infer` needs to use it. With
-    several caches (fusion), backbone, layer and weights join every trunk's with "+" and
-    `trunks` lists them in full."""
+def model_info(checkpoint: dict) -> ModelInfo:
+    """What the exported file says about itself: everything `infer` needs to use it."""
     caches, config = checkpoint["caches"], checkpoint["train_config"]
     first = caches[0]
-    return {
-        "tll_version": __version__,
-        "backbone": "+".join(c["backbone"] for c in caches),
-        "layer": "+".join(c["layer"] for c in caches),
-        "weights": "+".join(c["weights"] for c in caches),
-        "weights_id": "+".join(c["weights_id"] for c in caches),
-        "caches": json.dumps(list(config["caches"])),  # as head.train was given them
-        "trunks": json.dumps([{k: c[k] for k in ("backbone", "layer", "weights", "weights_id")}
-                              for c in caches]),
-        "input_size": json.dumps(list(first["input_size"])),  # [H, W], one for every trunk
-        # how infer resizes images to input_size (fused caches share it); a cache from before it
-        # was recorded: bilinear
-        "interpolation": TrunkSpec.from_metadata(first).interpolation,
-        "embedding_dim": str(checkpoint["head_config"]["embedding_dim"]),
-        "views": json.dumps(checkpoint["views"]),  # averaged inside the graph
-        "head_config": json.dumps(checkpoint["head_config"]),
-        "dataset_fingerprint": first["dataset_fingerprint"],
+    return ModelInfo(
+        tll_version=__version__,
+        trunks=tuple({k: c[k] for k in TRUNK_KEYS} for c in caches),
+        caches=tuple(config["caches"]),  # as head.train was given them
+        input_size=first["input_size"],  # one for every trunk
+        # how infer resizes images to input_size (fused caches share it)
+        interpolation=TrunkSpec.from_metadata(first).interpolation,
+        embedding_dim=checkpoint["head_config"]["embedding_dim"],
+        views=tuple(checkpoint["views"]),  # averaged inside the graph
+        head_config=checkpoint["head_config"],
+        dataset_fingerprint=first["dataset_fingerprint"],
         # after cross-validation the final head saw every pair: no split to score it on
-        "val_fraction": str(0.0 if config["folds"] else config["val_fraction"]),
-        "folds": str(config["folds"]),
-        "assign": config["assign"],  # what the kept epoch was chosen with: infer's default
-        "assign_temperature": str(config["assign_temperature"]),
-        "split_seed": str(config["split_seed"]),
-        "val_metrics": json.dumps(checkpoint.get("metrics") or {}),
-        "best_epoch": str(checkpoint["best_epoch"]),
-    }
+        val_fraction=0.0 if config["folds"] else config["val_fraction"],
+        folds=config["folds"],
+        assign=config["assign"],  # what the kept epoch was chosen with: infer's default
+        assign_temperature=config["assign_temperature"],
+        split_seed=config["split_seed"],
+        val_metrics=checkpoint.get("metrics") or {},
+        best_epoch=checkpoint["best_epoch"],
+    )
+
+
+def describe(checkpoint: dict) -> dict[str, str]:
+    """The metadata_props of the exported file (`ModelInfo.to_props`)."""
+    return model_info(checkpoint).to_props()
 
 
 def main(run: str | Path, out: str | Path | None = None, weights: list[str | Path] = (),

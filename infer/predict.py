@@ -16,6 +16,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from infer.model_info import ModelInfo
 from infer.report import REPORT_TITLE, write_report_page
 from infer.scoring import (
     ASSIGN_METHODS,
@@ -27,7 +28,7 @@ from infer.scoring import (
     ranking_metrics,
     uninformative,
 )
-from infer.session import ModelInfo, open_session
+from infer.session import open_session
 from tll import FiniteFloat, UserError, UserPath, logger, user_errors
 from tll.data import (
     CANDIDATE_COLUMNS,
@@ -230,7 +231,7 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
                         info.val_metrics["top2"])
         written = write_report(out, queries, scores, assigned, figures)
     if report:
-        summary = {"model": str(onnx), "trunk": info.trunk, "cache": info.caches,
+        summary = {"model": str(onnx), "trunk": info.trunk, "cache": info.caches_text,
                    "data": str(dataset.root),
                    "split": f"{split}, {len(queries)} queries", "assignment": described}
         write_report_page(report, summary, queries, dataset.images, scores, assigned, truth)

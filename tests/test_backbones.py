@@ -39,8 +39,8 @@ from extract.extract_features import main as extract
 from head.export import build_network
 from head.export import main as export
 from head.train import main as train
+from infer.model_info import ModelInfo
 from infer.predict import main as infer
-from infer.session import ModelInfo
 from tll import UserError
 from tll.data import DataError, load_image, read_dataset
 
@@ -300,9 +300,9 @@ def test_what_was_written_before_interpolation_reads_as_bilinear(tiny: Path,
     old = {k: v for k, v in vars(info).items() if k != "interpolation"}
     assert TrunkSpec.from_metadata(old).interpolation == "bilinear"
     props = {"input_size": "[32, 32]"}
-    assert ModelInfo.from_metadata(tmp_path / "m.onnx", props).interpolation == "bilinear"
+    assert ModelInfo.from_props(tmp_path / "m.onnx", props).interpolation == "bilinear"
     with pytest.raises(UserError, match="damaged metadata.*'cubic'"):
-        ModelInfo.from_metadata(tmp_path / "m.onnx", {**props, "interpolation": "cubic"})
+        ModelInfo.from_props(tmp_path / "m.onnx", {**props, "interpolation": "cubic"})
 
 
 # --- extract -> train -> export -> infer ----------------------------------------------------------

@@ -21,6 +21,7 @@ from head import export as export_module
 from head.export import build_network, cli
 from head.export import main as export
 from head.train import main as train
+from infer.model_info import ModelInfo
 from tll import UserError
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
@@ -109,6 +110,17 @@ def test_file_describes_itself(models: dict, backbone: str) -> None:
     dims = image.type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].HasField("dim_value")
     assert [d.dim_value for d in dims[1:]] == [3, *cache["input_size"]]
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_infer_reads_back_what_export_writes(models: dict, backbone: str) -> None:
+    """One description of the model, one writer, one reader: the metadata read back writes the
+    same keys, in the same order, with the same values."""
+    _, model = models[backbone]
+    props = [(entry.key, entry.value) for entry in onnx.load(str(model)).metadata_props]
+    info = ModelInfo.from_props(model, dict(props))
+    assert list(info.to_props().items()) == props
+    assert info.trunk == f"{backbone} {info.trunks[0]['layer']} none"
 
 
 def test_export_writes_only_the_model(exported_run: Path, vgg16_model: Path) -> None:

@@ -21,9 +21,9 @@ from conftest import REPO_ROOT, TRAIN_PAIRS, TRAIN_QUERIES, TRAIN_SETTINGS, invo
 
 from extract.synth import plan_pairs
 from infer import predict
+from infer.model_info import ModelInfo
 from infer.predict import cli
 from infer.scoring import DEFAULT_ASSIGN, DEFAULT_TEMPERATURE, assign, ranking_metrics
-from infer.session import ModelInfo
 from tll.data import CANDIDATE_COLUMNS, load_image, read_dataset, validation_split
 
 # the rules for a machine without a GPU; on one with a working CUDA provider they differ
@@ -451,7 +451,7 @@ def test_real_validation_split_has_160_queries(real_data: Path) -> None:
     from head.config import TrainConfig
 
     defaults = TrainConfig(caches=("",), name="")
-    info = ModelInfo.from_metadata(Path("model.onnx"), {
+    info = ModelInfo.from_props(Path("model.onnx"), {
         "input_size": "[245, 200]", "val_fraction": str(defaults.val_fraction),
         "split_seed": str(defaults.seed)})
     dataset = read_dataset(real_data)
