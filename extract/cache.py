@@ -63,8 +63,8 @@ from extract.trunk_spec import TrunkSpec
 from tll import UserError, logger
 from tll.files import (
     HDF5_SIGNATURE,
-    describe,
     exclusive,
+    file_kind,
     file_start,
     is_disk_full,
     no_link,
@@ -143,7 +143,7 @@ def foreign_cache(path: Path) -> str | None:
     if not start:
         return None
     if not start.startswith(HDF5_SIGNATURE):
-        return f"not a tll cache ({describe(start)})"
+        return f"not a tll cache ({file_kind(start)})"
     try:
         with h5py.File(path, "r") as file:
             return None if "schema_version" in file.attrs else \

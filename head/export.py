@@ -22,7 +22,7 @@ from extract.trunk_spec import TrunkSpec, file_id
 from head.model import TLLNet, load_checkpoint
 from infer.model_info import TRUNK_KEYS, ModelInfo
 from tll import UserError, UserPath, __version__, logger, user_errors
-from tll.files import atomic_output, check_output
+from tll.files import atomic_output, check_output, file_kind, file_start
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of unit embeddings, ONNX Runtime vs eager torch
 PARITY_BATCHES = (1, 7)
@@ -107,6 +107,21 @@ def describe(checkpoint: dict) -> dict[str, str]:
     return model_info(checkpoint).to_props()
 
 
+def foreign_model(path: Path) -> str | None:
+    """What the file at a model's path is where it is not a model tll exported (for
+    `check_output`); None for one of ours, which an export may replace, and for an empty file."""
+    start = file_start(path)
+    if not start:
+        return None
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except Exception:  # protobuf's decode errors have no common public type
+        return f"not a tll model ({file_kind(start)})"
+    if not any(entry.key == "tll_version" for entry in model.metadata_props):
+        return "not a tll model (an ONNX model without tll's metadata)"
+    return None
+
+
 def main(run: str | Path, out: str | Path | None = None, weights: list[str | Path] = (),
          opset: int = 18) -> Path:
     """Export runs/NAME/head.pt with its trunk to `out` (default runs/NAME/model.onnx); the
@@ -118,7 +133,7 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
     if not checkpoint_path.is_file():
         raise UserError(f"{run} has no head.pt; pass the folder `python -m head.train` wrote")
     out = Path(out) if out else run / "model.onnx"
-    check_output(out, "model", inputs=[checkpoint_path])
+    check_output(out, "model", inputs=[checkpoint_path], foreign=foreign_model)
     net, checkpoint = build_network(checkpoint_path, weights)
     height, width = checkpoint["caches"][0]["input_size"]
     example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))

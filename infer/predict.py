@@ -38,7 +38,7 @@ from tll.data import (
     read_dataset,
     validation_split,
 )
-from tll.files import check_output, describe, file_start, write_text
+from tll.files import check_output, file_kind, file_start, write_text
 
 DEFAULT_OUT = {"test": Path("submission.csv"), "val": Path("val-report.json")}
 
@@ -151,7 +151,7 @@ def _foreign_output(path: Path) -> str | None:
                 return None
         except (ValueError, TypeError):
             pass
-    return f"not a submission or report of tll ({describe(start)})"
+    return f"not a submission or report of tll ({file_kind(start)})"
 
 
 def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,

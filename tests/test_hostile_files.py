@@ -106,6 +106,31 @@ def _submission_replaced(w: World) -> None:
     assert rows[0] == CANDIDATE_COLUMNS and len(rows) > 2 and rows[1][0] != "old"
 
 
+def _export(w: World, out: Path) -> list:
+    return ["export", "--run", w.fixture("trained_run"), "--out", out]
+
+
+def export_out_is_a_text_file(w: World) -> list:
+    out = w.tmp / "model.onnx"
+    out.write_text("my notes, not a model\n")
+    w.keep(out)
+    return _export(w, out)
+
+
+def export_out_is_another_onnx_model(w: World) -> list:
+    """An ONNX model that some other program wrote: refused, even though it is ONNX."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "theirs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    out = w.tmp / "theirs.onnx"
+    onnx.save_model(helper.make_model(graph), out)
+    w.keep(out)
+    return _export(w, out)
+
+
 # --- the trunk: what it sees, and the words it takes (#56, #51) ----------------------------------
 
 
@@ -170,6 +195,13 @@ CASES: dict[str, Case] = {
                                 ("output {tmp}/r50.h5 exists",
                                  "not a submission or report of tll (an HDF5 file)",
                                  "give another path")),
+    "export --out a text file": Case(export_out_is_a_text_file, 1,
+                                     ("model {tmp}/model.onnx exists", "not a tll model",
+                                      "a text file beginning 'my notes", "give another path")),
+    "export --out another program's model": Case(export_out_is_another_onnx_model, 1,
+                                                 ("model {tmp}/theirs.onnx exists",
+                                                  "an ONNX model without tll's metadata",
+                                                  "give another path")),
     "infer --out an earlier submission": Case(infer_out_is_an_earlier_submission, 0,
                                               then=_submission_replaced),
     "extract ViT size not whole patches": Case(vit_input_not_whole_patches, 1,

@@ -117,7 +117,7 @@ def file_start(path: Path, size: int = 4096) -> bytes:
         return b""
 
 
-def describe(start: bytes) -> str:
+def file_kind(start: bytes) -> str:
     """What a file is, by its first bytes, for a message about a file that is not ours."""
     if start.startswith(HDF5_SIGNATURE):
         return "an HDF5 file"
