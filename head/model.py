@@ -63,8 +63,15 @@ class SpatialAttention(nn.Module):
         self.score = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(),
                                    nn.Conv2d(hidden, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
-        return x * torch.sigmoid(self.score(x))  # weights (B, 1, h, w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w), channels last
+        # the 1x1 convolutions as matrix products over positions, on the channels-last rows the
+        # Head passes (a free view): a convolution's backward and a multiply broadcast over
+        # channels are several times slower on CPU in either memory layout
+        rows = x.permute(0, 2, 3, 1)  # (B, h, w, C)
+        first, last = self.score[0], self.score[2]
+        hidden = F.relu(F.linear(rows, first.weight.flatten(1), first.bias))  # (B, h, w, hidden)
+        weights = torch.sigmoid(F.linear(hidden, last.weight.flatten(1), last.bias))  # (B, h, w, 1)
+        return (rows * weights).permute(0, 3, 1, 2)  # (B, C, h, w), channels last
 
 
 class ChannelAttention(nn.Module):
@@ -147,7 +154,9 @@ class Head(nn.Module):
                              nn.LayerNorm(channels), nn.GELU())
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        # each (B, C_i, h_i, w_i) or (B, D_i)
+        # each (B, C_i, h_i, w_i) or (B, D_i), float16 or float32
+        features = [f.to(torch.float32, memory_format=torch.channels_last) if f.dim() == 4
+                    else f.float() for f in features]
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
                          dim=1)  # (B, sum of branch widths)
         return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D), unit norm
