@@ -154,7 +154,10 @@ class Head(nn.Module):
                              nn.LayerNorm(channels), nn.GELU())
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        # each (B, C_i, h_i, w_i) or (B, D_i), float16 or float32
+        # each (B, C_i, h_i, w_i) or (B, D_i), float16 (as cached) or float32. Maps go channels
+        # last, in the same copy that makes them float32: on CPU the batch norm, the adaptive
+        # max-pool (14 ms -> 1 ms on a 64 x 512 x 7 x 6 batch) and the attention are
+        # vectorised over channels in that layout
         features = [f.to(torch.float32, memory_format=torch.channels_last) if f.dim() == 4
                     else f.float() for f in features]
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
