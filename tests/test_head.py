@@ -78,6 +78,21 @@ def test_grid_max_pool_equals_adaptive_max_pool(h: int, w: int, cells: int, expo
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("h,w,cells", [(7, 6, 2), (8, 7, 2), (5, 3, 4)])
+def test_grid_max_pool_on_channels_last_maps_routes_gradients_as_adaptive_pooling(
+        h: int, w: int, cells: int) -> None:
+    # the Head hands it channels-last maps: each cell's gradient must still go to the first
+    # maximum of its window, ties included (a cache's maps are full of post-ReLU zeros)
+    generator = torch.Generator().manual_seed(h * 100 + w)
+    features = torch.randint(0, 3, (3, 5, h, w), generator=generator).float()  # many ties
+    upstream = torch.randn(3, 5, cells * cells, generator=generator)
+    plain = features.clone().requires_grad_()
+    torch.nn.AdaptiveMaxPool2d(cells)(plain).flatten(2).backward(upstream)
+    fast = features.contiguous(memory_format=torch.channels_last).requires_grad_()
+    GridMaxPool(h, w, cells)(fast).backward(upstream)
+    assert torch.equal(fast.grad, plain.grad)
+
+
 def test_grid_bins_cover_the_axis() -> None:
     for size in range(1, 20):
         for cells in range(1, 8):
