@@ -65,8 +65,9 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w), channels last
         # the 1x1 convolutions as matrix products over positions, on the channels-last rows the
-        # Head passes (a free view): a convolution's backward and a multiply broadcast over
-        # channels are several times slower on CPU in either memory layout
+        # Head passes (a free view): on CPU oneDNN's 1x1 convolution backward took ~8 ms a call
+        # on a 64 x 512 x 7 x 6 batch in either layout, the matrix products ~3 ms, and the
+        # multiply broadcasts along contiguous channels
         rows = x.permute(0, 2, 3, 1)  # (B, h, w, C)
         first, last = self.score[0], self.score[2]
         hidden = F.relu(F.linear(rows, first.weight.flatten(1), first.bias))  # (B, h, w, hidden)
@@ -98,8 +99,9 @@ class GridMaxPool(nn.Module):
 
     AdaptiveMaxPool2d exports to ONNX only where the grid divides the map, so the exported
     graph takes the same bins as static slices + amax. Training keeps the fused op: its
-    index-based backward makes an epoch about 28% faster. The export's parity check compares
-    the two paths.
+    index-based backward makes an epoch about 28% faster, and on the channels-last maps the
+    Head hands it, it is vectorised over channels. The export's parity check compares the two
+    paths.
     """
 
     def __init__(self, height: int, width: int, cells: int):
