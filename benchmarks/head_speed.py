@@ -9,7 +9,7 @@ loss, backward and AdamW step exactly as train_epoch does); a few steps are time
 extrapolated to an epoch. The default head with a features layer, and the head the sweep found
 (compare_configs.SWEEP_HEAD), are timed cached in the same rounds. All alternate
 round by round; medians are reported.
-Targets on the 2-core CPU: cached <= 2 s/epoch (VGG16), <= 8 s/epoch (ResNet50), and
+Targets on the 2-core CPU: cached <= 0.5 s/epoch (VGG16), <= 2 s/epoch (ResNet50), and
 end-to-end / cached >= 1000.
 
     python benchmarks/head_speed.py [--data DIR] [--quick] [--profile] [--what-if]
@@ -35,14 +35,14 @@ from extract.cache import read_info
 from head.config import TrainConfig, head_config_for
 from head.folds import Fold, load_pairs, make_fold
 from head.loss import pair_loss
-from head.model import GridMaxPool, Head
+from head.model import Head, SpatialAttention
 from head.train import train_epoch
 from tll import UserError
 from tll.data import DEFAULT_INPUT_SIZE
 
 PAIRS = 1600  # the real train.csv
 SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200
-TARGET_SECONDS = {"vgg16": 2.0, "resnet50": 8.0}
+TARGET_SECONDS = {"vgg16": 0.5, "resnet50": 2.0}
 TARGET_RATIO = 1000.0
 TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its memory)
 
@@ -76,29 +76,36 @@ def synthetic_split(shape: tuple[int, int, int]) -> tuple[Fold, str]:
     return split_from(features, np.arange(PAIRS), np.arange(PAIRS, 2 * PAIRS)), "random"
 
 
-def _adaptive_pool(self: GridMaxPool, x: torch.Tensor) -> torch.Tensor:
-    """GridMaxPool's numbers from one fused op: the same bins as its slices."""
-    return F.adaptive_max_pool2d(x, len(self.rows)).flatten(2)  # (B, C, cells * cells)
+def _plain_head(self: Head, *features: torch.Tensor) -> torch.Tensor:
+    """Head.forward as it was before issue 21: float32 maps in torch's default (NCHW) layout."""
+    flat = torch.cat([branch(f.float()) for branch, f in zip(self.branches, features, strict=True)],
+                     dim=1)  # (B, sum of branch widths)
+    return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D)
+
+
+def _plain_attention(self: SpatialAttention, x: torch.Tensor) -> torch.Tensor:
+    """SpatialAttention as it was before issue 21: its 1x1 convolutions as convolutions."""
+    return x * torch.sigmoid(self.score(x))  # weights (B, 1, h, w)
 
 
 @contextlib.contextmanager
-def what_if(pool: bool = False, threads: int | None = None):
-    """For --what-if only: run with GridMaxPool as adaptive_max_pool2d and/or other threads."""
-    forward, saved_threads = GridMaxPool.forward, torch.get_num_threads()
-    if pool:
-        GridMaxPool.forward = _adaptive_pool
+def what_if(plain: bool = False, threads: int | None = None):
+    """For --what-if only: run the head as it was before issue 21 and/or on other threads."""
+    saved = Head.forward, SpatialAttention.forward, torch.get_num_threads()
+    if plain:
+        Head.forward, SpatialAttention.forward = _plain_head, _plain_attention
     if threads:
         torch.set_num_threads(threads)
     try:
         yield
     finally:
-        GridMaxPool.forward = forward
-        torch.set_num_threads(saved_threads)
+        Head.forward, SpatialAttention.forward = saved[:2]
+        torch.set_num_threads(saved[2])
 
 
-WHAT_IFS = {"what-if: adaptive_max_pool2d": {"pool": True},
+WHAT_IFS = {"what-if: NCHW, attention as convolutions": {"plain": True},
             "what-if: 1 thread": {"threads": 1},
-            "what-if: both": {"pool": True, "threads": 1}}
+            "what-if: both": {"plain": True, "threads": 1}}
 
 
 # other heads timed beside the default one (head.train options)
@@ -113,7 +120,7 @@ def cached_measure(split: Fold, shape: tuple[int, int, int], config: TrainConfig
     torch.manual_seed(config.seed)
     head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # as head.train
     generator = torch.Generator().manual_seed(config.seed)
     epochs = itertools.count(1)
 
@@ -132,7 +139,7 @@ def end_to_end_measure(trunk: Trunk, shape: tuple[int, int, int], config: TrainC
     torch.manual_seed(config.seed)
     head = Head(head_config_for([shape], config))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=True)  # as head.train
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2 * pairs, 3, *DEFAULT_INPUT_SIZE, generator=generator).contiguous(
         memory_format=torch.channels_last)  # lefts then rights, (2P, 3, H, W)
@@ -230,13 +237,14 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
 @click.option("--profile", is_flag=True,
               help="Also profile one cached epoch per backbone (torch.profiler, top ops).")
 @click.option("--what-if", "what_ifs", is_flag=True,
-              help="Also race cached epochs with GridMaxPool as one adaptive_max_pool2d "
-              "(patched in this process only) and/or on 1 thread.")
+              help="Also race cached epochs with the head as it was before issue 21 (NCHW maps, "
+              "the attention as convolutions; patched in this process only) and/or on 1 "
+              "thread.")
 def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], cache_dir: Path,
         synthetic: bool, rounds: int | None, threads: int | None, profile: bool,
         what_ifs: bool) -> None:
-    """Head training s/epoch on cached features vs through the trunk (targets: <= 2 s VGG16,
-    <= 8 s ResNet50, ratio >= 1000)."""
+    """Head training s/epoch on cached features vs through the trunk (targets: <= 0.5 s VGG16,
+    <= 2 s ResNet50, ratio >= 1000)."""
     common.set_threads(threads)
     rounds = rounds or (2 if quick else 3)
     e2e_pairs = 16 if quick else TrainConfig.batch_size

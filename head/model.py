@@ -63,8 +63,16 @@ class SpatialAttention(nn.Module):
         self.score = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(),
                                    nn.Conv2d(hidden, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
-        return x * torch.sigmoid(self.score(x))  # weights (B, 1, h, w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w), channels last
+        # the 1x1 convolutions as matrix products over positions, on the channels-last rows the
+        # Head passes (a free view): on CPU oneDNN's 1x1 convolution backward took ~8 ms a call
+        # on a 64 x 512 x 7 x 6 batch in either layout, the matrix products ~3 ms, and the
+        # multiply broadcasts along contiguous channels
+        rows = x.permute(0, 2, 3, 1)  # (B, h, w, C)
+        first, last = self.score[0], self.score[2]
+        hidden = F.relu(F.linear(rows, first.weight.flatten(1), first.bias))  # (B, h, w, hidden)
+        weights = torch.sigmoid(F.linear(hidden, last.weight.flatten(1), last.bias))  # (B, h, w, 1)
+        return (rows * weights).permute(0, 3, 1, 2)  # (B, C, h, w), channels last
 
 
 class ChannelAttention(nn.Module):
@@ -91,8 +99,9 @@ class GridMaxPool(nn.Module):
 
     AdaptiveMaxPool2d exports to ONNX only where the grid divides the map, so the exported
     graph takes the same bins as static slices + amax. Training keeps the fused op: its
-    index-based backward makes an epoch about 28% faster. The export's parity check compares
-    the two paths.
+    index-based backward makes an epoch about 28% faster, and on the channels-last maps the
+    Head hands it, it is vectorised over channels. The export's parity check compares the two
+    paths.
     """
 
     def __init__(self, height: int, width: int, cells: int):
@@ -147,7 +156,12 @@ class Head(nn.Module):
                              nn.LayerNorm(channels), nn.GELU())
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        # each (B, C_i, h_i, w_i) or (B, D_i)
+        # each (B, C_i, h_i, w_i) or (B, D_i), float16 (as cached) or float32. Maps go channels
+        # last, in the same copy that makes them float32: on CPU the batch norm, the adaptive
+        # max-pool (14 ms -> 1 ms on a 64 x 512 x 7 x 6 batch) and the attention are
+        # vectorised over channels in that layout
+        features = [f.to(torch.float32, memory_format=torch.channels_last) if f.dim() == 4
+                    else f.float() for f in features]
         flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
                          dim=1)  # (B, sum of branch widths)
         return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D), unit norm

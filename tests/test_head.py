@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TRAIN_SETTINGS, invoke_cli
 from PIL import Image
 
@@ -35,6 +36,7 @@ from head.model import (
     GridMaxPool,
     Head,
     HeadConfig,
+    SpatialAttention,
     grid_bins,
     load_checkpoint,
     save_checkpoint,
@@ -76,6 +78,21 @@ def test_grid_max_pool_equals_adaptive_max_pool(h: int, w: int, cells: int, expo
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("h,w,cells", [(7, 6, 2), (8, 7, 2), (5, 3, 4)])
+def test_grid_max_pool_on_channels_last_maps_routes_gradients_as_adaptive_pooling(
+        h: int, w: int, cells: int) -> None:
+    # the Head hands it channels-last maps: each cell's gradient must still go to the first
+    # maximum of its window, ties included (a cache's maps are full of post-ReLU zeros)
+    generator = torch.Generator().manual_seed(h * 100 + w)
+    features = torch.randint(0, 3, (3, 5, h, w), generator=generator).float()  # many ties
+    upstream = torch.randn(3, 5, cells * cells, generator=generator)
+    plain = features.clone().requires_grad_()
+    torch.nn.AdaptiveMaxPool2d(cells)(plain).flatten(2).backward(upstream)
+    fast = features.contiguous(memory_format=torch.channels_last).requires_grad_()
+    GridMaxPool(h, w, cells)(fast).backward(upstream)
+    assert torch.equal(fast.grad, plain.grad)
+
+
 def test_grid_bins_cover_the_axis() -> None:
     for size in range(1, 20):
         for cells in range(1, 8):
@@ -100,6 +117,48 @@ def test_head_output_shape_and_unit_norm(backbone: str, attention: str) -> None:
     torch.testing.assert_close(out.norm(dim=1), torch.ones(5), atol=1e-5, rtol=0)
     # rows differ: the head does not collapse different maps onto one embedding
     assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def reference_map_head(head: Head, features: torch.Tensor) -> torch.Tensor:
+    """A one-map head as torch's modules compute it in their plain form: float32 NCHW, each 1x1
+    convolution as a convolution, torch's adaptive max-pool (B, C, h, w) -> (B, D)."""
+    norm, *middle, pool, _, last_norm = head.branches[0]
+    x = norm(features.float())  # (B, C, h, w), NCHW
+    for layer in middle:
+        x = x * torch.sigmoid(layer.score(x)) if isinstance(layer, SpatialAttention) else layer(x)
+    pooled = F.adaptive_max_pool2d(x, pool.cells).flatten(1)  # (B, C * cells^2)
+    return F.normalize(head.fc(head.dropout(last_norm(pooled))), dim=1)
+
+
+@pytest.mark.parametrize("features_dim", [0, 8])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_head_computes_what_the_plain_modules_compute(attention: str, features_dim: int) -> None:
+    # the Head's fast path (channels last, the attention's convolutions as matrix products) is
+    # exact: the same embedding, gradients and batch-norm statistics as the plain modules, from
+    # a float16 map with ties (post-ReLU zeros) as a cache holds it
+    config = HeadConfig(feature_shapes=((16, 7, 6),), embedding_dim=8, attention=attention,
+                        features_dim=features_dim)
+    torch.manual_seed(0)
+    fast = Head(config).train()
+    plain = Head(config).train()
+    plain.load_state_dict(fast.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    features = F.relu(torch.randn(6, 16, 7, 6, generator=generator)).half()  # (B, C, h, w)
+    weights = torch.randn(6, 8, generator=generator)  # a loss that uses every output
+    (fast(features) * weights).sum().backward()
+    got = {name: p.grad for name, p in fast.named_parameters()}
+    (reference_map_head(plain, features) * weights).sum().backward()
+    for name, parameter in plain.named_parameters():
+        # equal to rounding, at the tensor's scale: a batch norm's gradients are sums that
+        # cancel (its bias before another batch norm gets ~1e-7 instead of 0)
+        scale = float(parameter.grad.abs().max())
+        torch.testing.assert_close(got[name], parameter.grad, rtol=1e-3, atol=1e-4 * scale + 1e-5,
+                                   msg=name)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(fast.get_buffer(name), buffer, msg=name)
+    fast.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(features), reference_map_head(plain, features))
 
 
 def test_head_of_two_trunks_takes_two_maps() -> None:
