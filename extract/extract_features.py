@@ -317,7 +317,8 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device:
     float16, one per view) of each block in turn, the trunk run once on `device` per view in
     `precision` (autocast unless float32); the next blocks are decoded in `workers` processes
     meanwhile (or inline if 0). On CUDA a block's features come back to the host while the
-    next block runs, so that its write and the next decode overlap the trunk."""
+    next block runs, so that its write and the next decode overlap the trunk (a block is
+    yielded once the next one is under way)."""
     loader = DataLoader(_Blocks(paths, blocks, trunk.spec.input_size, trunk.spec.interpolation),
                         batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
@@ -340,6 +341,9 @@ def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device:
             yield _arrived(*pending)
         # the DataLoader hands the row indices back as a tensor; the caches take numpy
         pending = (np.asarray(rows), *_to_host(per_layer))
+        if pending[2] is None:  # on a CPU: nothing in flight, nothing to overlap
+            yield _arrived(*pending)
+            pending = None
     if pending is not None:
         yield _arrived(*pending)
 
