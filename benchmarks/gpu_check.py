@@ -6,17 +6,23 @@ finishes in a few minutes. It writes a synthetic set with `extract.synth` into a
 folder (or a fresh folder inside --workdir) and, for each backbone (`--weights none`), calls the
 stages' own `main(...)`:
 
-- extract: images/s of `extract.extract_features.main` with float16 autocast on and off, against
-  the bare trunk's forward pass on the same device, same batches (channels_last,
-  inference_mode, autocast to match), interleaved round by round; the target (pipeline / trunk
-  >= 0.8) is reported, never failed. Every cache must be whole and finite.
-- fp16 agreement: the autocast cache against the float32 one, cosine similarity of each image's
-  flattened feature map; the least of them must reach FP16_MIN_COSINE.
-- decode workers: the command's default (on CUDA: up to 8 DataLoader workers, pinned memory)
-  against the other setting (inline on CUDA, 2 workers on a CPU), which must agree to
-  WORKERS_MIN_COSINE.
+- extract: images/s of `extract.extract_features.main` with autocast (`--amp`: float16 on CUDA,
+  bfloat16 on a CPU that has it natively) on and off, against the bare trunk's forward pass on
+  the same device, same batches (channels_last, inference_mode, autocast to match), and on CUDA
+  with autocast and each block's device-to-host copy made blocking again (the pipeline before
+  it overlapped the copy with the next block), interleaved round by round; the target
+  (pipeline / trunk >= 0.8) is reported, never failed. Every cache must be whole and finite,
+  record the precision it was computed in, and refuse a rerun in the other precision.
+- autocast agreement: the autocast cache against the float32 one, cosine similarity of each
+  image's flattened feature map; the least of them must reach FP16_MIN_COSINE.
+- decode workers: the command's default (on CUDA: up to 8 DataLoader workers, pinned memory,
+  the usable CPUs (sched_getaffinity) shared) against the other setting (inline on CUDA, 2
+  workers on a CPU), which must agree to WORKERS_MIN_COSINE.
 - head.train on the default cache: seconds per epoch from the run's metrics.jsonl; on CUDA the
-  peak GPU memory must hold the train features (head.train keeps them on the device).
+  peak GPU memory must hold the train features (head.train keeps them on the device), float32
+  matrix products must be allowed TF32, and one more `train_epoch` under
+  `torch.cuda.set_sync_debug_mode("warn")` must wait for the GPU fewer times than it has
+  batches (the loss is read once per epoch, not per step).
 - head.export of that run: it checks its own parity against ONNX Runtime on the CPU and raises
   on a mismatch.
 - infer with `--device auto`: the ONNX Runtime provider that runs, and a valid submission.
@@ -25,8 +31,8 @@ stages' own `main(...)`:
   and each image's map within TORCHRUN_MIN_COSINE (byte-identical is reported, not required).
 
 One table, then exit status 1 if any check failed (a slow figure is not a failure). With
-`--device cpu --quick` the same checks run on a small set at a small input size; the float16 ones
-are n/a there, since extract enables autocast only on CUDA. tests/test_gpu_check.py runs that.
+`--device cpu --quick` the same checks run on a small set at a small input size; the autocast
+ones are n/a there unless the CPU computes bfloat16 natively. tests/test_gpu_check.py runs that.
 
     PYTHONPATH=. bash benchmarks/gpu_check.sh [--device cpu --quick] [--workdir DIR]
 """
@@ -46,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,12 +65,17 @@ import onnxruntime as ort
 import torch
 
 import tll
+from extract import extract_features as extract_module
 from extract.backbones import Trunk, TrunkSpec
-from extract.cache import read_features, read_info, read_keys
+from extract.cache import CacheError, read_features, read_info, read_keys
+from extract.extract_features import default_workers
 from extract.extract_features import main as extract_features
 from extract.synth import main as make_synthetic
+from head.config import TrainConfig
 from head.export import PARITY_TOLERANCE
 from head.export import main as export
+from head.folds import prepare
+from head.train import Trainer, train_epoch
 from head.train import main as train
 from infer.predict import main as predict
 from infer.session import open_session
@@ -76,13 +88,15 @@ from tll.data import (
     image_id,
     read_dataset,
 )
+from tll.device import compute_precision
 
 BACKBONES = ("resnet50", "vgg16")
 BATCH_SIZE = 32  # the extract command's default; the bare trunk gets the same batches
 EXTRACT_TARGET = 0.8  # pipeline img/s / bare trunk img/s
 # Random-init feature maps of two *different* synthetic images reach a cosine of 0.996
 # (resnet50 layer4, 245 x 200), so 0.99 would not tell a wrong row from the right one; a pure
-# float16 forward pass on the CPU stays above 0.99999 against float32.
+# float16 forward pass on the CPU stays above 0.99999 against float32, a bfloat16 autocast one
+# above 0.9999.
 FP16_MIN_COSINE = 0.999
 # Same arithmetic, other loading path: a copy that raced its pinned buffer, or a batch landing on
 # the wrong rows, drops far below this; only the order of float sums may differ.
@@ -112,6 +126,7 @@ QUICK = Sizes(pairs=24, queries=20, input_size=(64, 64), val_fraction=0.85, roun
               epochs=2)  # 88 images, 20 validation queries
 
 PASS, FAIL, NOT_APPLICABLE, NOT_RUN = "pass", "FAIL", "n/a on cpu", "not run"
+NO_AUTOCAST = "n/a: float32 only here"
 
 
 @dataclass
@@ -152,6 +167,16 @@ class Setup:
         return self.device.type == "cuda"
 
     @property
+    def amp_precision(self) -> str:
+        """What the extract command computes in here by default (--amp)."""
+        return compute_precision(self.device, amp=True)
+
+    @property
+    def autocasts(self) -> tuple[bool, ...]:
+        """The --amp settings that differ here: with and without autocast, or only without."""
+        return (True, False) if self.amp_precision != "float32" else (False,)
+
+    @property
     def data(self) -> Path:
         return self.dataset.root
 
@@ -160,8 +185,8 @@ class Setup:
         return len(self.dataset.keys())
 
     def default_cache(self, backbone: str) -> Path:
-        """The cache the extract command writes by default here (autocast on CUDA only)."""
-        return needs(self.caches, (backbone, self.on_cuda), f"extract {backbone}")
+        """The cache the extract command writes by default here (autocast where it has one)."""
+        return needs(self.caches, (backbone, self.autocasts[0]), f"extract {backbone}")
 
 
 def needs(artefacts: dict, key, check: str) -> Path:
@@ -199,13 +224,18 @@ def check_extract(setup: Setup, backbone: str) -> Outcome:
     trunk = Trunk(TrunkSpec.resolve(backbone, None, "none")).to(
         setup.device, memory_format=torch.channels_last)
     batches = random_batches(setup)
-    autocasts = (True, False) if setup.on_cuda else (False,)  # extract ignores it on a CPU
+    autocasts = setup.autocasts
     measures = {}
     for autocast in autocasts:
         measures[f"pipeline {on_off(autocast)}"] = pipeline_measure(setup, backbone, autocast)
-        measures[f"trunk {on_off(autocast)}"] = trunk_measure(trunk, batches, autocast)
+        precision = setup.amp_precision if autocast else "float32"
+        measures[f"trunk {on_off(autocast)}"] = trunk_measure(trunk, batches, precision)
+    if setup.on_cuda:
+        measures["pipeline on, blocking copy"] = blocking_copy(
+            pipeline_measure(setup, backbone, True, "blocking"))
     results = common.interleave(measures, setup.sizes.rounds, log=progress)
-    figures = [] if setup.on_cuda else [Figure("autocast on", NOT_APPLICABLE)]
+    figures = [Figure("autocast (--amp)", setup.amp_precision if len(autocasts) > 1
+                      else NO_AUTOCAST)]
     for autocast in autocasts:
         pipeline = results[f"pipeline {on_off(autocast)}"]
         bare = results[f"trunk {on_off(autocast)}"]
@@ -219,19 +249,46 @@ def check_extract(setup: Setup, backbone: str) -> Outcome:
             Figure("  pipeline / trunk", ratio, f">= {EXTRACT_TARGET}",
                    common.verdict(ratio, EXTRACT_TARGET)),
         ]
+    if setup.on_cuda:
+        blocking = results["pipeline on, blocking copy"]
+        figures.append(Figure("  overlapped copy / blocking copy, autocast on", common.median(
+            [p / b for p, b in zip(results["pipeline on"], blocking, strict=True)])))
     problems = [p for autocast in autocasts
                 for p in cache_problems(setup.caches[backbone, autocast], setup.images)]
+    problems += precision_problems(setup, backbone)
     return judged(figures, problems)
 
 
-def check_fp16(setup: Setup, backbone: str) -> Outcome:
-    if not setup.on_cuda:
-        return Outcome(NOT_APPLICABLE)
+def precision_problems(setup: Setup, backbone: str) -> list[str]:
+    """What is wrong with how the caches record their precision: each must name its own, and
+    a rerun of the default cache in the other precision must be refused, never mix rows."""
+    problems = []
+    for autocast in setup.autocasts:
+        expected = setup.amp_precision if autocast else "float32"
+        if (recorded := read_info(setup.caches[backbone, autocast]).precision) != expected:
+            problems.append(f"a cache computed in {expected} records {recorded}")
+    if len(setup.autocasts) == 1:
+        return problems
+    default = setup.default_cache(backbone)
+    try:
+        extract_features(backbone, setup.data, out=default, weights="none",
+                         input_size=setup.sizes.input_size, device=setup.device.type,
+                         batch_size=BATCH_SIZE, amp=False)
+        problems.append(f"a rerun with --no-amp over the {setup.amp_precision} cache went through")
+    except CacheError as error:
+        if "precision" not in str(error):
+            problems.append(f"a rerun with --no-amp was refused for another reason: {error}")
+    return problems
+
+
+def check_autocast(setup: Setup, backbone: str) -> Outcome:
+    if len(setup.autocasts) == 1:
+        return Outcome(NOT_APPLICABLE if not setup.on_cuda else NO_AUTOCAST)
     reference = cached_maps(needs(setup.caches, (backbone, False), f"extract {backbone}"))
     autocast = cached_maps(needs(setup.caches, (backbone, True), f"extract {backbone}"))
     return judged([
-        at_least("least cosine, autocast vs float32", row_cosines(autocast, reference).min(),
-                 setup.fp16_min_cosine),
+        at_least(f"least cosine, {setup.amp_precision} autocast vs float32",
+                 row_cosines(autocast, reference).min(), setup.fp16_min_cosine),
         # what a wrong row would score: the threshold must lie above it to mean anything
         Figure("  control: most similar neighbouring images",
                row_cosines(reference, np.roll(reference, 1, axis=0)).max(),
@@ -249,6 +306,9 @@ def check_workers(setup: Setup, backbone: str) -> Outcome:
     default_label = "up to 8 workers, pinned" if setup.on_cuda else "inline"
     return judged([
         Figure("pinned memory", "yes" if setup.on_cuda else NOT_APPLICABLE),
+        Figure("default workers (CPUs this process may use, of the machine's)",
+               f"{default_workers(setup.device)} ({len(os.sched_getaffinity(0))} of "
+               f"{os.cpu_count()})"),
         at_least(f"least cosine, {workers} workers vs default ({default_label})",
                  row_cosines(cached_maps(other), cached_maps(default)).min(),
                  setup.workers_min_cosine),
@@ -274,8 +334,37 @@ def check_train(setup: Setup, backbone: str) -> Outcome:
     train_images = sum(key.startswith("train/") for key in setup.dataset.keys())
     features_mib = train_images * math.prod(read_info(cache).feature_shape) * 2 / 2**20  # fp16
     peak_mib = (torch.cuda.max_memory_allocated(setup.device) - held_before) / 2**20
-    return judged(figures + [at_least("peak GPU memory MiB (holds the train features)",
-                                      peak_mib, round(features_mib, 1))])
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # set by head.train, for the process
+    syncs, batches = epoch_syncs(cache, setup)
+    return judged(figures + [
+        at_least("peak GPU memory MiB (holds the train features)", peak_mib,
+                 round(features_mib, 1)),
+        Figure("float32 matmuls may use TF32", tf32, "True", PASS if tf32 else FAIL),
+        Figure("device syncs in one epoch", syncs, f"< {batches} (its batches)",
+               PASS if syncs < batches else FAIL)])
+
+
+def epoch_syncs(cache: Path, setup: Setup) -> tuple[int, int]:
+    """(how many times one `train_epoch` waits for the GPU, as
+    `torch.cuda.set_sync_debug_mode("warn")` counts them, how many batches it has). Batches of
+    8 make many steps (14 on the full set): a wait per step shows above the few an epoch takes
+    in all (the shuffled order to the device, the losses and the collapse test back)."""
+    config = TrainConfig(caches=(str(cache),), name="syncs", val_fraction=setup.sizes.val_fraction,
+                         batch_size=8, device="cuda")
+    prepared = prepare([cache], config, setup.data, setup.device)
+    trainer = Trainer(prepared.folds[0], prepared.head_config(config), config, progress=False)
+    trainer.epoch(1)  # untimed, unwatched: cuBLAS and cuDNN set themselves up
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_epoch(trainer.head, trainer.optimizer, trainer.fold, config, 2,
+                        trainer.generator, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    batches = sum(len(batch) > 1 for batch in torch.arange(len(trainer.fold.train_left))
+                  .split(config.batch_size))
+    return sum("synchroniz" in str(w.message) for w in caught), batches
 
 
 def check_export(setup: Setup, backbone: str) -> Outcome:
@@ -342,7 +431,8 @@ def check_torchrun(setup: Setup, backbone: str) -> Outcome:
 
 
 STEPS: dict[str, Callable[..., Outcome]] = {
-    "extract": check_extract, "fp16 agreement": check_fp16, "decode workers": check_workers,
+    "extract": check_extract, "autocast agreement": check_autocast,
+    "decode workers": check_workers,
     "head.train": check_train, "head.export": check_export, "infer": check_infer,
     "torchrun": check_torchrun,
 }
@@ -354,21 +444,43 @@ def on_off(autocast: bool) -> str:
     return "on" if autocast else "off"
 
 
-def pipeline_measure(setup: Setup, backbone: str, autocast: bool) -> Callable[[], float]:
+def pipeline_measure(setup: Setup, backbone: str, autocast: bool,
+                     variant: str = "") -> Callable[[], float]:
     """A measure for `common.interleave`: one whole extraction into a fresh file -> images/s.
-    The last file written stays in `setup.caches` for the checks that follow."""
+    The last file written stays in `setup.caches` for the checks that follow (a `variant`'s
+    only in its own folder)."""
     runs = itertools.count()
 
     def measure() -> float:
-        out = setup.work / "caches" / f"{backbone}-autocast-{on_off(autocast)}-{next(runs)}.h5"
+        out = (setup.work / "caches" / variant
+               / f"{backbone}-autocast-{on_off(autocast)}-{next(runs)}.h5")
         with common.Timer() as timer:
             extract_features(backbone, setup.data, out=out, weights="none",
                              input_size=setup.sizes.input_size, device=setup.device.type,
                              batch_size=BATCH_SIZE, amp=autocast)
-        setup.caches[backbone, autocast] = out
+        if not variant:
+            setup.caches[backbone, autocast] = out
         return setup.images / timer.seconds
 
     return measure
+
+
+def blocking_copy(measure: Callable[[], float]) -> Callable[[], float]:
+    """`measure` run with each block's features copied to the host before the next block
+    starts, as the pipeline did before it overlapped the two."""
+
+    def blocking(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], None]:
+        return [tensor.cpu() for tensor in tensors], None
+
+    def measured() -> float:
+        overlapped = extract_module._to_host
+        extract_module._to_host = blocking
+        try:
+            return measure()
+        finally:
+            extract_module._to_host = overlapped
+
+    return measured
 
 
 def random_batches(setup: Setup) -> list[torch.Tensor]:
@@ -381,13 +493,15 @@ def random_batches(setup: Setup) -> list[torch.Tensor]:
             for start in range(0, setup.images, BATCH_SIZE)]
 
 
-def trunk_measure(trunk: Trunk, batches: list[torch.Tensor], autocast: bool) -> Callable[[], float]:
-    """A measure: the bare forward pass over the batches -> images/s, waiting for the device."""
+def trunk_measure(trunk: Trunk, batches: list[torch.Tensor],
+                  precision: str) -> Callable[[], float]:
+    """A measure: the bare forward pass over the batches in `precision` (autocast unless
+    float32) -> images/s, waiting for the device."""
     device = batches[0].device
 
     def forward_all(batches: list[torch.Tensor]) -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
-                                                    enabled=autocast):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, precision),
+                                                    enabled=precision != "float32"):
             for batch in batches:
                 trunk(batch)  # (B, C, h, w)
         if device.type == "cuda":
@@ -470,8 +584,9 @@ def run_checks(checks: list[tuple[str, Callable[[Setup], Outcome]]],
 def header(device: torch.device) -> list[str]:
     if device.type == "cuda":
         gpu = (f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
-               f"cuDNN {torch.backends.cudnn.version()} (float32 convolutions may use TF32: "
-               f"{torch.backends.cudnn.allow_tf32})")
+               f"cuDNN {torch.backends.cudnn.version()} (at the end, float32 convolutions may "
+               f"use TF32: {torch.backends.cudnn.allow_tf32}, matmuls: "
+               f"{torch.backends.cuda.matmul.allow_tf32})")
     else:
         gpu = "no GPU used: --device cpu"
     return [common.environment(), gpu,
@@ -517,7 +632,8 @@ def summary(results: list[tuple[str, Outcome]]) -> str:
               help="Keep everything in a fresh folder inside DIR [default: a temporary folder, "
                    "deleted at the end].")
 @click.option("--fp16-min-cosine", type=float, default=FP16_MIN_COSINE,
-              help="Least cosine of each image's autocast map to its float32 one.")
+              help="Least cosine of each image's autocast (float16 or bfloat16) map to its "
+                   "float32 one.")
 @click.option("--workers-min-cosine", type=float, default=WORKERS_MIN_COSINE,
               help="Least cosine of each image's map between the two decode settings.")
 @click.option("--stop-after", type=click.Choice(list(STEPS)), default=list(STEPS)[-1],
@@ -526,7 +642,7 @@ def summary(results: list[tuple[str, Outcome]]) -> str:
 def cli(device: str, quick: bool, backbones: tuple[str, ...], workdir: Path | None,
         fp16_min_cosine: float, workers_min_cosine: float, stop_after: str,
         verbose: bool) -> None:
-    """Run every CUDA path of the project once (extract with and without float16 autocast,
+    """Run every CUDA path of the project once (extract with and without autocast,
     decode workers and pinned memory, head.train, head.export's parity, infer's provider,
     extract under torchrun with NCCL), time them, and print one table. Exits 1 if a check fails;
     a missed speed target is reported only.

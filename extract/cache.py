@@ -1,7 +1,7 @@
 """The feature cache: one HDF5 file per (backbone, layer, weights, input size, dataset).
 This is the only module that imports h5py.
 
-Schema (version 3)::
+Schema (version 4)::
 
     /keys            (N,)          utf-8 str  "split/side/id" of every image, sorted: row order
     /features        (N, C, h, w)  float16    the trunk's feature map of each image, contiguous
@@ -16,12 +16,16 @@ Schema (version 3)::
     weights ("imagenet" | "pretrained" | "none" | an absolute path), weights_id (enum name, hub
     id, random-init seed, or sha256 of the file), mean, std (3,), input_size (H, W),
     interpolation (how images were resized to it: bilinear | bicubic), feature_shape (C, h, w)
-    or (D,), views ("identity" [, "hflip"]), dtype, torch_version, torchvision_version,
-    timm_version, dataset (absolute path), dataset_fingerprint (sha256 of keys and image
-    contents), complete.
+    or (D,), views ("identity" [, "hflip"]), precision (what the trunk computed in: float32,
+    or autocast to bfloat16 on a CPU or float16 on CUDA), dtype (what the rows are stored in),
+    torch_version, torchvision_version, timm_version, dataset (absolute path),
+    dataset_fingerprint (sha256 of keys and image contents), complete.
 
-Schema 2 is schema 3 without interpolation, timm_version and views, and maps only: it reads as
-bilinear and one view, and a resume of it stays schema 2.
+Schema 3 is schema 4 without precision; schema 2 is schema 3 without interpolation,
+timm_version and views, and maps only: they read as bilinear, one view and precision
+"unrecorded". A complete one trains as before, but no extraction resumes, updates or reuses it
+(it was computed in float32, or float16 on CUDA: nobody can tell), so that no cache mixes rows
+of two precisions; `--overwrite` rebuilds it.
 
 A cache in progress lives at ``<name>.h5.partial``; it is renamed to ``<name>.h5`` only once every
 row is done, ``complete`` is set and the closed file reads back whole, so a file under the final
@@ -71,15 +75,17 @@ from tll.files import (
     no_space,
 )
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (2, SCHEMA_VERSION)
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (2, 3, SCHEMA_VERSION)
+# the precision of a cache written before it was recorded (schema 2 and 3)
+UNRECORDED = "unrecorded"
 FEATURE_DTYPE = np.float16
 # each view of the images a cache can hold, and the dataset that holds its maps
 VIEW_DATASETS = {"identity": "features", "hflip": "features_hflip"}
 # what makes two caches interchangeable apart from the images' contents, which are compared
 # row by row (image_sha256); a resume or a reuse must match all of them
 IDENTITY_FIELDS = ("backbone", "layer", "weights_id", "mean", "std", "input_size",
-                   "interpolation", "feature_shape", "views")
+                   "interpolation", "feature_shape", "views", "precision")
 DATASETS = ("keys", "features", "done", "image_sha256")
 # at most this many bytes of feature maps in memory at once while a shard is copied in
 MERGE_BYTES = 64 << 20
@@ -101,6 +107,7 @@ class CacheInfo(TrunkSpec):
     torchvision_version: str
     timm_version: str = ""  # absent in schema 2
     views: tuple[str, ...] = ("identity",)  # the image as it is [, flipped left to right]
+    precision: str = UNRECORDED  # tll.device.PRECISIONS; absent before schema 4
     dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
 

@@ -202,7 +202,7 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     figure = selection_figure(TrainConfig(**fixed))
 
     # once, for every trial
-    prepared = prepare(caches, TrainConfig(**fixed), data, resolve_device(device), infos)
+    prepared = prepare(caches, TrainConfig(**fixed), data, resolve_device(device, tf32=True), infos)
     logger.info("sweep %s (%s): %d trials of %d-fold cross-validation on %s, scored by %s; "
                 "%d trials already in the study", study_name, storage, trials, folds,
                 " + ".join(map(str, caches)), figure, len(the_study.trials))

@@ -85,29 +85,36 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     if not batches:
         raise UserError(f"{len(order)} training pair(s) make no batch of two; an epoch would "
                         "take no step")
-    total = 0.0
+    # each batch's loss, kept on the device and read once at the end: reading each as it comes
+    # (.item(), or a finiteness test in Python) would wait for a GPU at every step
+    losses = torch.empty(len(batches), device=device)  # (batches,)
+    drawn = [(0, 0)] * len(batches)  # the (left, right) view of each batch's pairs
+    if views > 1:  # each image in a view of its own, drawn anew at every step; all drawn here
+        # (same generator, same order), so that no step waits on a copy to the device
+        sizes = [len(b) for b in batches]
+        drawn = torch.cat([torch.randint(views, (2, n), generator=generator) for n in sizes],
+                          dim=1).to(device).split(sizes, dim=1)  # each (2, B)
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not progress)
-    for number, batch in enumerate(bar, start=1):
-        left_view, right_view = 0, 0
-        if views > 1:  # each image in a view of its own, drawn anew at every step
-            left_view, right_view = torch.randint(views, (2, len(batch)),
-                                                  generator=generator).to(device)  # (2, B)
+    for number, (batch, (left_view, right_view)) in enumerate(zip(bar, drawn, strict=True),
+                                                              start=1):
         lefts, rights = fold.train_left[batch], fold.train_right[batch]
         # float16 as cached: the head makes float32 channels-last maps in one copy
         anchors = head(*[f[lefts, left_view] for f in fold.features])  # (B, D)
         positives = head(*[f[rights, right_view] for f in fold.features])  # (B, D)
         loss = pair_loss(anchors, positives, config)
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {number}; "
-                            + ("that is before any step, so not --lr: check --margin, "
-                               "--temperature and the cache's features" if epoch == number == 1
-                               else "try a lower --lr"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses[number - 1] = loss.detach()
+    losses = losses.cpu()
+    diverged = torch.nonzero(~torch.isfinite(losses)).flatten()  # the steps after it are lost
+    if len(diverged):
+        number = int(diverged[0]) + 1
+        raise UserError(f"the loss became {losses[number - 1].item()} at epoch {epoch}, batch "
+                        f"{number}; " + ("that is before any step, so not --lr: check --margin, "
+                                         "--temperature and the cache's features"
+                                         if epoch == number == 1 else "try a lower --lr"))
     if embeddings_collapsed(torch.cat([anchors, positives]).detach()):
         inputs = [f[torch.cat([lefts, rights])] for f in fold.features]  # (2B, V, ...) each
         if all(bool((x == x[:1]).all()) for x in inputs):  # no head could tell them apart
@@ -117,7 +124,7 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
                             "cache again (--lr is not the cause)")
         raise UserError(f"the head collapsed in epoch {epoch}: every embedding is the same "
                         "point, so the loss can no longer fall; try a lower --lr")
-    return total / len(batches)
+    return float(losses.double().mean())
 
 
 def embeddings_collapsed(embeddings: torch.Tensor, tolerance: float = 1e-4) -> bool:
@@ -233,7 +240,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     infos = read_caches(caches)
     config = TrainConfig(caches=tuple(map(str, caches)), name=name, **options)
     check_config(config)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, tf32=True)
     described = [f"{c} ({i.backbone} {i.layer}, weights {i.weights_id})"
                  for c, i in zip(caches, infos, strict=True)]
     logger.info("train %s on %s on %s", name, " + ".join(described), device)

@@ -23,6 +23,7 @@ from head.export import main as export
 from head.train import main as train
 from infer.model_info import ModelInfo
 from tll import UserError
+from tll.device import compute_precision
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 METADATA = {"backbone", "layer", "weights", "input_size", "embedding_dim", "tll_version",
@@ -76,6 +77,23 @@ def test_onnx_runtime_matches_eager_torch(models: dict, backbone: str) -> None:
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     # images that differ get embeddings that differ
     assert np.abs(got[0] - got[1]).max() > 1e-4
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_a_head_trained_on_an_autocast_cache_exports_in_float32(models: dict,
+                                                                backbone: str) -> None:
+    """The shared runs are trained on caches in the command's default precision (bfloat16 on
+    a CPU that has it natively): the checkpoint says so, and the model exported from it (its
+    parity check passed, or there would be no file) is float32 throughout."""
+    run, model = models[backbone]
+    checkpoint = torch.load(run / "head.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["caches"][0]["precision"] == compute_precision(torch.device("cpu"),
+                                                                     amp=True)
+    graph = onnx.load(str(model)).graph
+    assert {t.type.tensor_type.elem_type for t in [*graph.input, *graph.output]} \
+        == {onnx.TensorProto.FLOAT}
+    assert not {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16} \
+        & {tensor.data_type for tensor in graph.initializer}
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])

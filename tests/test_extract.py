@@ -41,6 +41,7 @@ from extract.cache import (
 from extract.extract_features import cli, default_cache_path, main
 from tll import UserError
 from tll.data import DataError, load_image, read_dataset
+from tll.device import compute_precision, native_bfloat16
 
 SIZE = (64, 64)
 CHANNELS = {"vgg16": 512, "resnet50": 2048}
@@ -67,6 +68,19 @@ def brute_force(trunk: Trunk, paths: list[Path], size: tuple[int, int]) -> np.nd
         return np.concatenate(
             [trunk(torch.from_numpy(load_image(path, size))[None]).numpy() for path in paths]
         )
+
+
+# relative (Frobenius) error of a row's bfloat16-autocast map against its float32 one: 0.7-1.1%
+# measured (resnet50 layer4, random init, 32 x 32 and 245 x 200); 3x that, and far below what
+# a wrong row would show
+BFLOAT16_TOLERANCE = 0.03
+
+
+def relative_errors(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(N,) |maps[i] - reference[i]| / |reference[i]|, each flattened, in float64."""
+    maps = maps.reshape(len(maps), -1).astype(np.float64)
+    reference = reference.reshape(len(reference), -1).astype(np.float64)
+    return np.linalg.norm(maps - reference, axis=1) / np.linalg.norm(reference, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +147,9 @@ def test_cache_schema_and_contents(
     complete = attrs.pop("complete")
     assert isinstance(complete, bool | np.bool_) and complete
     expected = {
-        "schema_version": 3,
+        "schema_version": 4,
         "views": ["identity"],
+        "precision": compute_precision(torch.device("cpu"), amp=True),
         "backbone": backbone,
         "layer": DEFAULT_LAYER[backbone],
         "weights": "none",
@@ -173,7 +188,11 @@ def test_cache_schema_and_contents(
     assert features.astype(np.float32).std() > 0
     rows = [0, 1, 21, 40, len(keys) - 1]
     reference = brute_force(trunk, [dataset.images[keys[r]] for r in rows], SIZE)
-    np.testing.assert_allclose(features[rows].astype(np.float32), reference, rtol=1e-2, atol=1e-2)
+    if info.precision == "float32":
+        np.testing.assert_allclose(features[rows].astype(np.float32), reference, rtol=1e-2,
+                                   atol=1e-2)
+    else:  # bfloat16 autocast (--amp, the default on a CPU that has it): close, not equal
+        assert relative_errors(features[rows], reference).max() < BFLOAT16_TOLERANCE
     assert not np.allclose(features[0], features[1])  # different images, different features
 
 
@@ -299,6 +318,75 @@ def test_rerun_recomputes_the_images_that_changed(
     assert read_info(resnet_cache).dataset_fingerprint == dataset.fingerprint()
     assert read_image_digests(resnet_cache, keys) == dataset.digests()
     assert not partial_path(resnet_cache).exists()
+
+
+# --- the precision the trunk computed in -----------------------------------------------------
+
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_cache_records_it_agrees_with_float32_and_never_mixes(
+        tiny: Path, tmp_path: Path) -> None:
+    """By default (--amp) a CPU with native bfloat16 autocasts to it: the cache says so, each
+    row is within BFLOAT16_TOLERANCE of float32's (yet not float32's), and a rerun in float32
+    over it is refused (what --overwrite does: the next test)."""
+    small = dict(input_size=(32, 32))
+    bfloat16 = extract(tiny, tmp_path / "bf16.h5", **small)
+    float32 = extract(tiny, tmp_path / "f32.h5", amp=False, **small)
+    assert read_info(bfloat16).precision == "bfloat16"
+    assert read_info(float32).precision == "float32"
+    keys = read_keys(float32)
+    errors = relative_errors(read_features(bfloat16, keys), read_features(float32, keys))
+    assert errors.max() < BFLOAT16_TOLERANCE
+    assert errors.min() > 0  # computed in bfloat16, not float32 under another name
+
+    with pytest.raises(CacheError, match=r"precision: bfloat16 \(cache\) vs float32 \(asked\)"
+                                         ".*--overwrite"):
+        extract(tiny, bfloat16, amp=False, **small)
+
+
+def test_a_resume_or_rerun_in_another_precision_is_refused(
+        caches: dict[str, Path], tmp_path: Path) -> None:
+    """On any machine: a writer asked for another precision than the cache's, complete or
+    unfinished, refuses it with the --overwrite advice, and with overwrite starts every row
+    afresh in its own."""
+    info = read_info(caches["resnet50"])
+    assert info.precision == compute_precision(torch.device("cpu"), amp=True)  # the default
+    keys = read_keys(caches["resnet50"])
+    digests = read_image_digests(caches["resnet50"], keys)
+    other = dataclasses.replace(info, precision="float16" if info.precision != "float16"
+                                else "float32")
+    mismatch = (rf"precision: {info.precision} \(cache\) vs {other.precision} \(asked\)"
+                ".*--overwrite")
+    complete = Path(shutil.copy(caches["resnet50"], tmp_path / "complete.h5"))
+    with pytest.raises(CacheError, match=mismatch):
+        CacheWriter(complete, keys, digests, other)
+
+    unfinished = tmp_path / "unfinished.h5"
+    writer = CacheWriter(unfinished, keys, digests, info)
+    writer.write(np.arange(8), read_features(caches["resnet50"], keys[:8])[:, None])
+    writer.close()  # interrupted: 8 rows done
+    with pytest.raises(CacheError, match=mismatch):
+        CacheWriter(unfinished, keys, digests, other)
+    writer = CacheWriter(unfinished, keys, digests, other, overwrite=True)
+    try:
+        assert writer.missing.tolist() == list(range(len(keys)))  # none of the 8 kept
+        assert writer.file.attrs["precision"] == other.precision
+    finally:
+        writer.close()
+
+
+def test_a_cache_from_before_precision_was_recorded(resnet_cache: Path) -> None:
+    """Schema 3 (no precision) reads, so it still trains, as "unrecorded"; an extraction will
+    not resume or reuse it (it may hold float16 rows from CUDA) and says to --overwrite."""
+    asked = read_info(resnet_cache)
+    with h5py.File(resnet_cache, "r+") as file:
+        del file.attrs["precision"]
+        file.attrs["schema_version"] = 3
+    info = read_info(resnet_cache)
+    assert info.precision == "unrecorded" and info.schema_version == 3
+    keys = read_keys(resnet_cache)
+    with pytest.raises(CacheError, match=rf"precision: unrecorded \(cache\) vs "
+                                         rf"{asked.precision} \(asked\).*--overwrite"):
+        CacheWriter(resnet_cache, keys, read_image_digests(resnet_cache, keys), asked)
 
 
 def test_overwrite_rebuilds(tiny: Path, resnet_cache: Path) -> None:
@@ -591,7 +679,7 @@ def test_imagenet_weights_unavailable(offline: None, synthetic: Path, tmp_path: 
 
 def test_weights_from_a_file(tiny: Path, state_dict: Path, tmp_path: Path) -> None:
     size = (32, 32)
-    out = extract(tiny, tmp_path / "x.h5", weights=str(state_dict), input_size=size)
+    out = extract(tiny, tmp_path / "x.h5", weights=str(state_dict), input_size=size, amp=False)
     info = read_info(out)
     assert info.weights == str(state_dict)
     assert info.weights_id == "sha256:" + sha256(state_dict)

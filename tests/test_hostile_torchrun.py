@@ -24,6 +24,7 @@ from extract.cache import shard_path, shard_paths
 from extract.extract_features import cli as extract_cli
 from extract.extract_features import main
 from tll.data import read_dataset
+from tll.device import native_bfloat16
 
 BATCH = 4
 
@@ -102,6 +103,11 @@ RANKS_DIFFER = {
         "Error: rank 1 was given --out {out}/elsewhere/x.h5, rank 0 {out}/x.h5: every rank "
         "must run the same command"),
 }
+if native_bfloat16():  # elsewhere --amp and --no-amp both compute in float32, as they should
+    RANKS_DIFFER["--no-amp: another precision"] = Ranked(
+        lambda data, other, out: [*arguments(data, out / "x.h5"), "--no-amp"],
+        "Error: rank 1 computes (by --amp/--no-amp and its hardware) in float32, rank 0 "
+        "bfloat16: every rank must run the same command")
 
 
 @pytest.fixture(scope="module")

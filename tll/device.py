@@ -1,16 +1,51 @@
-"""The torch device a command runs on."""
+"""The torch device a command runs on, and the precision it computes in."""
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
 from tll import UserError
 
+# what `compute_precision` can answer, the name of a torch dtype each
+PRECISIONS = ("float32", "bfloat16", "float16")
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda where there is one, else cpu; `cuda` without one is an error."""
+
+def resolve_device(name: str, tf32: bool = False) -> torch.device:
+    """`auto` -> cuda where there is one, else cpu; `cuda` without one is an error. With `tf32`
+    (training a head, whose float32 rounding noise is far below SGD's) float32 matrix products
+    and convolutions on CUDA may run in TF32, several times faster on Ampere and later; extract
+    does not ask for it, so that a float32 cache is float32."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    if tf32 and name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16
+    extension) for oneDNN. Elsewhere torch emulates it, slower than float32: oneDNN's own check
+    (`_is_mkldnn_bf16_supported`) also says yes for plain AVX-512 on x86, so it serves on Arm
+    only."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # a torch too old to tell (these came in 2.5 or so) gets float32
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def compute_precision(device: torch.device, amp: bool) -> str:
+    """The precision a trunk runs in on `device` (one of PRECISIONS): with `amp` float16
+    autocast on CUDA, bfloat16 autocast on a CPU that has it natively, else float32."""
+    if amp and device.type == "cuda":
+        return "float16"
+    if amp and device.type == "cpu" and native_bfloat16():
+        return "bfloat16"
+    return "float32"
