@@ -31,7 +31,7 @@ BATCH = 4
 def arguments(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--backbone", "resnet18", "--weights", "none", "--data", str(data), "--out",
             str(out), "--input-size", "32", "32", "--batch-size", str(BATCH), "--workers", "0",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--no-hflip", *extra]
 
 
 def _rank(rank: int, world: int, port: int, args: list[str], log: Path) -> None:

@@ -47,7 +47,7 @@ BATCH = 4  # 88 images: 22 blocks, 11 for each of two ranks
 def extract_arguments(data: Path, out: Path) -> list[str]:
     return ["--backbone", "resnet50", "--weights", "none", "--data", str(data), "--out", str(out),
             "--input-size", *map(str, SIZE), "--batch-size", str(BATCH), "--workers", "0",
-            "--device", "cpu"]
+            "--device", "cpu", "--no-hflip"]
 
 
 def start(launcher: list[str], data: Path, out: Path, log: Path) -> subprocess.Popen:
