@@ -122,6 +122,10 @@ def log_summary(history: list[dict], baseline: dict | None, best: dict,
     lines = ["epoch   loss    " + "".join(name.rjust(width) for name in names)]
     if baseline:
         lines.append("frozen  -       " + cells(baseline))
+        whitened = {k.removeprefix("whitened_"): v for k, v in baseline.items()
+                    if k.startswith("whitened_")}  # head.whiten's figures, PCA on train images
+        if whitened:
+            lines.append("whitened -      " + cells(whitened))
     for r in history:
         mark = "  <- kept" if r is best else ""
         lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} " + cells(r) + mark)

@@ -50,6 +50,7 @@ from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, 
 from head.loss import pair_loss
 from head.model import Head, HeadConfig, save_checkpoint
 from head.report import epoch_log, figures_only, log_summary, validated_on, write_summary
+from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
 from tll.files import atomic_output, check_output
@@ -237,11 +238,16 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     logger.info("config %s", json.dumps(asdict(config)))
     prepared = prepare(caches, config, data, device, infos)
     folds, head_config = prepared.folds, prepared.head_config(config)
-    baseline = (summarize([frozen_baseline(f, config) for f in folds])
-                if len(folds[0].val_truth) else None)
+    baseline = (summarize([frozen_baseline(f, config) | whitened_baseline(f, config)
+                           for f in folds]) if len(folds[0].val_truth) else None)
     if baseline:
-        logger.info("frozen trunk (pooled, cosine), %s:%s", validated_on(folds),
-                    "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
+        for line, keys in (("frozen trunk (pooled, cosine)", [k for k in baseline
+                                                             if not k.startswith("whitened_")]),
+                           ("frozen trunk PCA-whitened (head.whiten)",
+                            [k for k in baseline if k.startswith("whitened_")])):
+            logger.info("%s, %s:%s", line, validated_on(folds),
+                        "".join(f"  {k.removeprefix('whitened_')} {baseline[k]:.3f}"
+                                for k in keys))
     views = prepared.pairs.views if config.flip else ("identity",)
     if len(views) > 1:
         logger.info("views: %s (one drawn per image at each step; validation averages them)",
