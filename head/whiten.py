@@ -21,6 +21,7 @@ graph ops), and config.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -186,12 +187,12 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     if len(prepared.folds[0].val_truth):
         scored = [score_whitening(fold, config, components) for fold in prepared.folds]
         head, figures = scored[-1][0], summarize([record for _, record in scored])
-        logger.info("whitened (%d components), %s:%s", head.config.embedding_dim,
-                    validated_on(prepared.folds),
+        logger.info("whitened, %s:%s", validated_on(prepared.folds),
                     "".join(f"  {k} {v:.3f}" for k, v in figures.items()))
     if config.folds or not figures:  # the run's whitening: fitted on every train image
         fold = views_used(all_pairs_fold(prepared.pairs), config)
         head = fit_whitening(fold.features, training_rows(fold), components)
+    logger.info("the run's whitening keeps %d components", head.config.embedding_dim)
     views = prepared.pairs.views if config.flip else ("identity",)
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
         save_checkpoint(work / "head.pt", head.cpu(), best_epoch=0, metrics=figures or {},
@@ -203,14 +204,28 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     return run
 
 
-# head.train's own options for what a whitening run shares with it: the views, the assignment
-# recorded as infer's default, and the validation it is scored on
+# head.train's own options (the same types and defaults) for what a whitening run shares with
+# it: the views, the assignment recorded as infer's default, and the validation it is scored on
 WHITEN_OPTIONS = ("flip", "assign", "assign_temperature", "val_fraction", "folds", "split_seed",
                   "device")
+# where head.train's help speaks of training
+WHITEN_HELP = {
+    "flip": "With a two-view cache: fit on each image's views averaged, and average both views' "
+            "embeddings at validation and in the exported model.",
+    "assign": "One-to-one assignment that validation also reports; recorded in the exported "
+              "model as infer's default.",
+    "val_fraction": "Train pairs held out for validation (0: fit on all, no figures). Not with "
+                    "--folds.",
+    "folds": "K >= 2: K-fold cross-validation (mean and standard error of K fits; the run's "
+             "whitening is fitted on all pairs). 0: one split of --val-fraction.",
+}
 
 
 def _whiten_options(command: click.Command) -> click.Command:
-    command.params.extend(TRAIN_OPTIONS[name] for name in WHITEN_OPTIONS)
+    for name in WHITEN_OPTIONS:
+        option = copy.copy(TRAIN_OPTIONS[name])
+        option.help = WHITEN_HELP.get(name, option.help)
+        command.params.append(option)
     return command
 
 
