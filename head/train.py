@@ -49,7 +49,14 @@ from head.figures import best_epoch, evaluate, frozen_baseline, summarize
 from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.loss import pair_loss
 from head.model import Head, HeadConfig, save_checkpoint
-from head.report import epoch_log, figures_only, log_summary, validated_on, write_summary
+from head.report import (
+    epoch_log,
+    figures_only,
+    log_summary,
+    split_baseline,
+    validated_on,
+    write_summary,
+)
 from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
@@ -241,13 +248,11 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     baseline = (summarize([frozen_baseline(f, config) | whitened_baseline(f, config)
                            for f in folds]) if len(folds[0].val_truth) else None)
     if baseline:
-        for line, keys in (("frozen trunk (pooled, cosine)", [k for k in baseline
-                                                             if not k.startswith("whitened_")]),
-                           ("frozen trunk PCA-whitened (head.whiten)",
-                            [k for k in baseline if k.startswith("whitened_")])):
+        for line, figures in zip(("frozen trunk (pooled, cosine)",
+                                  "frozen trunk PCA-whitened (head.whiten)"),
+                                 split_baseline(baseline), strict=True):
             logger.info("%s, %s:%s", line, validated_on(folds),
-                        "".join(f"  {k.removeprefix('whitened_')} {baseline[k]:.3f}"
-                                for k in keys))
+                        "".join(f"  {k} {v:.3f}" for k, v in figures.items()))
     views = prepared.pairs.views if config.flip else ("identity",)
     if len(views) > 1:
         logger.info("views: %s (one drawn per image at each step; validation averages them)",

@@ -110,6 +110,9 @@ def fit_whitening(features: list[torch.Tensor], rows: torch.Tensor,
     wanted = min(components or DEFAULT_COMPONENTS, len(x) - 1, x.shape[1])
     if wanted < 1:
         raise UserError(f"whitening needs at least 2 training images, got {len(x)}")
+    if components and components > wanted:
+        logger.warning("--components %d: %d training images of %d features span at most %d "
+                       "directions; keeping %d", components, len(x), x.shape[1], wanted, wanted)
     pca = PCA(n_components=wanted, whiten=True, svd_solver="full").fit(x)
     variance = pca.explained_variance_  # (wanted,), descending
     kept = int((variance > variance[0] * 1e-10).sum()) if variance[0] > 0 else 0
