@@ -22,8 +22,8 @@ lint: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m extract.synth $(DEMO)/data --pairs 400 --queries 40 --seed 0 --overwrite
 	$(PY) -m extract --backbone resnet50 --weights none --data $(DEMO)/data \
-		--input-size 128 112 --out $(DEMO)/cache/resnet50-layer4-none-128x112.h5
-	$(PY) -m head.train --cache $(DEMO)/cache/resnet50-layer4-none-128x112.h5 \
+		--input-size 128 112 --out $(DEMO)/cache/resnet50-layer4-none-128x112-hflip.h5
+	$(PY) -m head.train --cache $(DEMO)/cache/resnet50-layer4-none-128x112-hflip.h5 \
 		--runs-dir $(DEMO)/runs --name demo --epochs 15 --overwrite
 	$(PY) -m head.export --run $(DEMO)/runs/demo
 	$(PY) -m infer --onnx $(DEMO)/runs/demo/model.onnx --data $(DEMO)/data --split val \

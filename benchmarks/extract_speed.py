@@ -51,7 +51,8 @@ def pipeline_measure(backbone: str, data: Path, scratch: Path, images: int, batc
         out = scratch / f"{backbone}-{next(runs)}.h5"
         with common.Timer() as timer:
             extract(backbone, data, out=out, weights="none", device="cpu",
-                    batch_size=batch_size, workers=workers, amp=amp, overwrite=True)
+                    batch_size=batch_size, workers=workers, amp=amp, hflip=False,
+                    overwrite=True)
         out.unlink()
         return images / timer.seconds
 

@@ -302,7 +302,7 @@ def check_workers(setup: Setup, backbone: str) -> Outcome:
     other = extract_features(backbone, setup.data, out=setup.work / "caches" /
                              f"{backbone}-{workers}-workers.h5", weights="none",
                              input_size=setup.sizes.input_size, device=setup.device.type,
-                             batch_size=BATCH_SIZE, workers=workers)
+                             batch_size=BATCH_SIZE, workers=workers, hflip=False)
     default_label = "up to 8 workers, pinned" if setup.on_cuda else "inline"
     return judged([
         Figure("pinned memory", "yes" if setup.on_cuda else NOT_APPLICABLE),
@@ -396,7 +396,7 @@ def check_torchrun(setup: Setup, backbone: str) -> Outcome:
                "--nproc-per-node", "1", "-m", "extract", "--backbone", backbone,
                "--weights", "none", "--data", str(setup.data), "--out", str(out),
                "--input-size", *map(str, setup.sizes.input_size), "--device", setup.device.type,
-               "--batch-size", str(BATCH_SIZE)]
+               "--batch-size", str(BATCH_SIZE), "--no-hflip"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [project, *filter(None, [os.environ.get("PYTHONPATH")])])}
     # a session of its own: on a timeout the launcher and its worker go together
@@ -457,7 +457,7 @@ def pipeline_measure(setup: Setup, backbone: str, autocast: bool,
         with common.Timer() as timer:
             extract_features(backbone, setup.data, out=out, weights="none",
                              input_size=setup.sizes.input_size, device=setup.device.type,
-                             batch_size=BATCH_SIZE, amp=autocast)
+                             batch_size=BATCH_SIZE, amp=autocast, hflip=False)
         if not variant:
             setup.caches[backbone, autocast] = out
         return setup.images / timer.seconds

@@ -134,7 +134,7 @@ TRAIN_OPTIONS: dict[str, click.Option] = {option.name: option for option in [
     click.Option(["--temperature"], type=FiniteFloat(min=0, min_open=True),
                  default=_defaults["temperature"], help="InfoNCE's temperature."),
     click.Option(["--flip/--no-flip"], default=_defaults["flip"],
-                 help="With a two-view cache (extract --hflip): draw an image's flipped view "
+                 help="With a two-view cache (extract's default): draw an image's flipped view "
                       "half the time, and average both at validation and in the exported "
                       "model."),
     click.Option(["--assign"], type=click.Choice(ASSIGN_METHODS), default=_defaults["assign"],

@@ -29,10 +29,12 @@ from torch import nn
 from tll import UserError, first_line
 
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 3  # 2: features layer, dropout; 3: the views, and a list of caches
+CHECKPOINT_VERSION = 4  # 2: features layer, dropout; 3: the views, and a list of caches;
+# 4: the head's kind ("trained", or "whitening": head.whiten)
 # every format this code still loads: format 1 is format 2 without a features layer or dropout
-# (the same modules, the same state-dict keys), format 2 is format 3 on one view and one cache
-READABLE_CHECKPOINTS = (1, 2, 3)
+# (the same modules, the same state-dict keys), format 2 is format 3 on one view and one cache,
+# format 3 is format 4 with a trained head
+READABLE_CHECKPOINTS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class GridMaxPool(nn.Module):
 
 
 class Head(nn.Module):
+    kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening")
+
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
@@ -200,16 +204,16 @@ class TLLNet(nn.Module):
         return self.head(*[outputs[trunk][output] for trunk, output in self.inputs])
 
 
-def save_checkpoint(path: Path, head: Head, **description) -> None:
+def save_checkpoint(path: Path, head: nn.Module, **description) -> None:
     """A checkpoint that describes itself: its format version, the head's config and weights
     plus `description` (the caches' metadata, the training config, the best epoch). It is
     written inside the run's temporary folder, which appears whole or not at all."""
     state = {k: v.cpu() for k, v in head.state_dict().items()}
-    torch.save({"format_version": CHECKPOINT_VERSION, "head_config": asdict(head.config),
-                "state_dict": state, **description}, path)
+    torch.save({"format_version": CHECKPOINT_VERSION, "head_kind": head.kind,
+                "head_config": asdict(head.config), "state_dict": state, **description}, path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the head from the checkpoint file alone; returns it (eval mode) and the file.
     Refuses, with one message naming the file, one that is damaged or of another format."""
     retrain = "train it again with `python -m head.train`"
@@ -222,8 +226,16 @@ def load_checkpoint(path: str | Path) -> tuple[Head, dict]:
     if version not in READABLE_CHECKPOINTS:
         raise UserError(f"{path} has checkpoint format {version}, this tll reads "
                         f"{', '.join(map(str, READABLE_CHECKPOINTS))}; {retrain}")
+    kind = checkpoint.setdefault("head_kind", Head.kind)  # formats 1-3: trained heads
     try:
-        head = Head(HeadConfig(**checkpoint["head_config"]))
+        if kind == "whitening":
+            from head.whiten import WhiteningConfig, WhiteningHead  # it imports this module
+
+            head = WhiteningHead(WhiteningConfig(**checkpoint["head_config"]))
+        elif kind == Head.kind:
+            head = Head(HeadConfig(**checkpoint["head_config"]))
+        else:
+            raise ValueError(f"unknown head kind {kind!r}")
         head.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} is damaged ({first_line(error)}); {retrain}") from None

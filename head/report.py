@@ -106,6 +106,14 @@ def _plot_with_band(axes, epochs: np.ndarray, history: list[dict], key: str, lab
     return line
 
 
+def split_baseline(baseline: dict[str, float]) -> tuple[dict, dict]:
+    """The frozen trunk's pooled-cosine figures and head.whiten's (`whitened_<figure>`, PCA
+    fitted on the training images), each under the figures' own names."""
+    whitened = {k.removeprefix("whitened_"): v for k, v in baseline.items()
+                if k.startswith("whitened_")}
+    return {k: v for k, v in baseline.items() if not k.startswith("whitened_")}, whitened
+
+
 def log_summary(history: list[dict], baseline: dict | None, best: dict,
                 config: TrainConfig) -> None:
     """One table: the frozen trunk, then each epoch's loss and figures (mean ± standard error
@@ -121,7 +129,10 @@ def log_summary(history: list[dict], baseline: dict | None, best: dict,
     names = [c.replace("_assigned", "+a") for c in figures]
     lines = ["epoch   loss    " + "".join(name.rjust(width) for name in names)]
     if baseline:
-        lines.append("frozen  -       " + cells(baseline))
+        frozen, whitened = split_baseline(baseline)
+        lines.append("frozen  -       " + cells(frozen))
+        if whitened:
+            lines.append("whitened -      " + cells(whitened))
     for r in history:
         mark = "  <- kept" if r is best else ""
         lines.append(f"{r['epoch']:<7} {r['loss']:<7.4f} " + cells(r) + mark)

@@ -49,7 +49,15 @@ from head.figures import best_epoch, evaluate, frozen_baseline, summarize
 from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.loss import pair_loss
 from head.model import Head, HeadConfig, save_checkpoint
-from head.report import epoch_log, figures_only, log_summary, validated_on, write_summary
+from head.report import (
+    epoch_log,
+    figures_only,
+    log_summary,
+    split_baseline,
+    validated_on,
+    write_summary,
+)
+from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
 from tll.files import atomic_output, check_output
@@ -247,11 +255,14 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     logger.info("config %s", json.dumps(asdict(config)))
     prepared = prepare(caches, config, data, device, infos)
     folds, head_config = prepared.folds, prepared.head_config(config)
-    baseline = (summarize([frozen_baseline(f, config) for f in folds])
-                if len(folds[0].val_truth) else None)
+    baseline = (summarize([frozen_baseline(f, config) | whitened_baseline(f, config)
+                           for f in folds]) if len(folds[0].val_truth) else None)
     if baseline:
-        logger.info("frozen trunk (pooled, cosine), %s:%s", validated_on(folds),
-                    "".join(f"  {k} {v:.3f}" for k, v in baseline.items()))
+        for line, figures in zip(("frozen trunk (pooled, cosine)",
+                                  "frozen trunk PCA-whitened (head.whiten)"),
+                                 split_baseline(baseline), strict=True):
+            logger.info("%s, %s:%s", line, validated_on(folds),
+                        "".join(f"  {k} {v:.3f}" for k, v in figures.items()))
     views = prepared.pairs.views if config.flip else ("identity",)
     if len(views) > 1:
         logger.info("views: %s (one drawn per image at each step; validation averages them)",

@@ -95,7 +95,8 @@ def train_cache(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     from extract.extract_features import main as extract  # torch: after OMP_NUM_THREADS
 
     return extract("resnet50", train_data, out=tmp_path_factory.mktemp("train-cache") / "r50.h5",
-                   weights="none", input_size=TRAIN_SIZE, device="cpu", batch_size=32, workers=0)
+                   weights="none", input_size=TRAIN_SIZE, device="cpu", batch_size=32, workers=0,
+                   hflip=False)
 
 
 @pytest.fixture(scope="session")

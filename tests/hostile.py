@@ -73,7 +73,8 @@ class World:
         from extract.extract_features import main as extract
 
         return extract("resnet50", data, out=self.tmp / "cache" / "r50.h5", weights="none",
-                       input_size=(32, 32), device="cpu", batch_size=32, workers=0)
+                       input_size=(32, 32), device="cpu", batch_size=32, workers=0,
+                       hflip=False)
 
 
 @dataclass(frozen=True)

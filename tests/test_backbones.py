@@ -77,7 +77,8 @@ def test_curated_backbone_gives_what_the_list_says(row, tiny: Path, tmp_path: Pa
 
     # the cut given from here on: densenet201's is found on probes, which take seconds
     cache = extract(row.backbone, tiny, out=tmp_path / "x.h5", layer=row.layer, weights="none",
-                    input_size=SMALL[row.backbone], device="cpu", batch_size=16, workers=0)
+                    input_size=SMALL[row.backbone], device="cpu", batch_size=16, workers=0,
+                    hflip=False)
     info = read_info(cache)
     small = Trunk(TrunkSpec.resolve(row.backbone, row.layer, "none", SMALL[row.backbone]))
     assert info.feature_shape == small.output_shape()
@@ -201,7 +202,7 @@ def test_timm_weights_offline_name_the_model_cache_and_options(tiny: Path,
     backbone = "timm:vit_tiny_patch16_224.augreg_in21k"
     process = subprocess.run(
         [sys.executable, "-m", "extract", "--backbone", backbone, "--data", str(tiny),
-         "--out", str(out), "--input-size", "32", "32", "--device", "cpu"],
+         "--out", str(out), "--input-size", "32", "32", "--device", "cpu", "--no-hflip"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home),
              "TORCH_HOME": str(tmp_path / "torch-home"), "OMP_NUM_THREADS": "1"})
@@ -291,7 +292,7 @@ def test_what_was_written_before_interpolation_reads_as_bilinear(tiny: Path,
     """A schema 2 cache (no interpolation, no timm_version), a checkpoint's cache metadata and
     an ONNX file's metadata from before."""
     cache = extract("resnet50", tiny, out=tmp_path / "x.h5", weights="none",
-                    input_size=(32, 32), device="cpu", workers=0)
+                    input_size=(32, 32), device="cpu", workers=0, hflip=False)
     with h5py.File(cache, "r+") as file:
         del file.attrs["interpolation"], file.attrs["timm_version"]
         file.attrs["schema_version"] = 2
@@ -321,7 +322,7 @@ def test_end_to_end(case: str, synthetic: Path, tmp_path: Path) -> None:
     interpolation the timm weights ask for, recorded in the cache, the run and the model."""
     backbone, layer, size, shape = END_TO_END[case]
     cache = extract(backbone, synthetic, out=tmp_path / "x.h5", layer=layer, weights="none",
-                    input_size=size, device="cpu", batch_size=32, workers=0)
+                    input_size=size, device="cpu", batch_size=32, workers=0, hflip=False)
     info = read_info(cache)
     assert info.feature_shape == shape and info.interpolation == "bicubic"
     run = train(cache, name="run", runs_dir=tmp_path / "runs", epochs=2, batch_size=8,

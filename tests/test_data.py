@@ -238,6 +238,7 @@ def test_extract_cli_on_bad_dataset_fails_cleanly_and_writes_nothing(
             "0",
             "--device",
             "cpu",
+            "--no-hflip",
         ],
     )
     output = result.output + (getattr(result, "stderr", "") or "")

@@ -37,7 +37,7 @@ def vgg16_run(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     synthetic set (24 pairs; 0.85 holds out the 20 a validation split needs); read-only."""
     folder = tmp_path_factory.mktemp("vgg16")
     cache = extract("vgg16", synthetic, out=folder / "vgg16.h5", weights="none",
-                    input_size=(32, 32), device="cpu", batch_size=32, workers=0)
+                    input_size=(32, 32), device="cpu", batch_size=32, workers=0, hflip=False)
     return train(cache, name="vgg16", runs_dir=folder / "runs", epochs=1, batch_size=8,
                  val_fraction=0.85, seed=1, device="cpu", embedding_dim=64)
 

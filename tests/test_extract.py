@@ -50,7 +50,8 @@ DEFAULT_LAYER = {"vgg16": "features", "resnet50": "layer4"}
 
 def extract(data: Path, out: Path, backbone: str = "resnet50", **options) -> Path:
     """`main` with the small, fast settings these tests use unless told otherwise."""
-    settings = dict(weights="none", input_size=SIZE, batch_size=8, workers=0, device="cpu")
+    settings = dict(weights="none", input_size=SIZE, batch_size=8, workers=0, device="cpu",
+                    hflip=False)
     return main(backbone, data, out=out, **{**settings, **options})
 
 
@@ -268,6 +269,7 @@ def test_cli_refuses_cache_built_for_something_else(
         "0",
         "--device",
         "cpu",
+        "--no-hflip",
     ]
     result = invoke(*arguments, *options)  # a later option overrides an earlier one
     assert result.exit_code == 1, result.text
@@ -424,6 +426,7 @@ def _extract_arguments(data: Path, out: Path) -> list[str]:
         "0",
         "--device",
         "cpu",
+        "--no-hflip",
     ]
 
 
@@ -847,6 +850,7 @@ def test_help_lists_the_options() -> None:
         "--batch-size",
         "--workers",
         "--amp / --no-amp",
+        "--hflip / --no-hflip",
         "--overwrite",
         "--help",
     ):

@@ -28,7 +28,8 @@ SETTINGS = dict(epochs=2, batch_size=32, lr=3e-4, val_fraction=0.2, device="cpu"
 def vgg16_cache(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vgg16 (features: 512 x 2 x 2) over the images of the conftest's train_cache."""
     return extract("vgg16", train_data, out=tmp_path_factory.mktemp("vgg") / "vgg16.h5",
-                   weights="none", input_size=SIZE, device="cpu", batch_size=32, workers=0)
+                   weights="none", input_size=SIZE, device="cpu", batch_size=32, workers=0,
+                   hflip=False)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,11 @@ def test_caches_that_do_not_fit_are_refused(other: str, train_cache: Path, train
                                             tiny: Path, tmp_path: Path) -> None:
     if other == "input size":
         odd = extract("resnet50", train_data, out=tmp_path / "small.h5", weights="none",
-                      input_size=(32, 32), device="cpu", batch_size=64, workers=0)
+                      input_size=(32, 32), device="cpu", batch_size=64, workers=0, hflip=False)
         fragment = "its input_size is (32, 32), not (64, 64)"
     else:
         odd = extract("resnet50", tiny, out=tmp_path / "tiny.h5", weights="none",
-                      input_size=SIZE, device="cpu", batch_size=64, workers=0)
+                      input_size=SIZE, device="cpu", batch_size=64, workers=0, hflip=False)
         fragment = "its dataset_fingerprint is"
     runs = tmp_path / "runs"
     result = CliRunner().invoke(train_cli, ["--cache", str(train_cache), "--cache", str(odd),
@@ -96,14 +97,15 @@ def two_layers(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
     folder = tmp_path_factory.mktemp("layers")
     return extract("vgg16", synthetic, layer=["features.22", "features"],
                    out=[folder / "conv4_3.h5", folder / "pool5.h5"], weights="none",
-                   input_size=SIZE, device="cpu", batch_size=16, workers=0)
+                   input_size=SIZE, device="cpu", batch_size=16, workers=0, hflip=False)
 
 
 def test_two_layers_from_one_pass_equal_two_extractions(two_layers: list[Path], synthetic: Path,
                                                         tmp_path: Path) -> None:
     for path, layer in zip(two_layers, ["features.22", "features"], strict=True):
         alone = extract("vgg16", synthetic, layer=layer, out=tmp_path / f"{layer}.h5",
-                        weights="none", input_size=SIZE, device="cpu", batch_size=16, workers=0)
+                        weights="none", input_size=SIZE, device="cpu", batch_size=16, workers=0,
+                        hflip=False)
         keys = read_keys(alone)
         assert read_keys(path) == keys
         assert read_features(path, keys).tobytes() == read_features(alone, keys).tobytes()

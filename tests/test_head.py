@@ -362,6 +362,8 @@ def test_assigned_figures_choose_the_kept_epoch(train_cache: Path, tmp_path: Pat
     best = max(history, key=lambda r: r["top2_assigned"])  # the first of the best
     assert summary["best"]["epoch"] == best["epoch"]
     assert {"top2", "top2_assigned"} <= set(summary["baseline"])
+    # the second baseline, head.whiten's, fitted on the split's training images
+    assert {"whitened_top2", "whitened_top2_assigned"} <= set(summary["baseline"])
     _, checkpoint = load_checkpoint(run / "head.pt")
     assert checkpoint["train_config"]["assign"] == "sinkhorn"
     assert checkpoint["metrics"]["top2_assigned"] == best["top2_assigned"]

@@ -23,7 +23,7 @@ from tll.files import lock_file
 def _extract(w: World, out: Path, *extra, backbone: str = "resnet50") -> list:
     data = w.copy("tiny", "data")
     return ["extract", "--backbone", backbone, "--weights", "none", "--data", data,
-            "--out", out, *SMALL, *extra]
+            "--out", out, "--no-hflip", *SMALL, *extra]
 
 
 def _users_file(w: World) -> Path:

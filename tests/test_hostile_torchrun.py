@@ -32,7 +32,7 @@ BATCH = 4
 def arguments(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--backbone", "resnet18", "--weights", "none", "--data", str(data), "--out",
             str(out), "--input-size", "32", "32", "--batch-size", str(BATCH), "--workers", "0",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--no-hflip", *extra]
 
 
 def _rank(rank: int, world: int, port: int, args: list[str], log: Path) -> None:
@@ -186,8 +186,9 @@ def test_rank_0_killed_the_survivor_says_rerun(synthetic: Path, tmp_path: Path) 
     assert "the rows written so far are kept: rerun the same command to resume" in output
     assert shard_paths(out)
     reference = main("resnet18", synthetic, out=tmp_path / "reference.h5", weights="none",
-                     input_size=(32, 32), batch_size=BATCH, workers=0, device="cpu")
+                     input_size=(32, 32), batch_size=BATCH, workers=0, device="cpu",
+                     hflip=False)
     assert main("resnet18", synthetic, out=out, weights="none", input_size=(32, 32),
-                batch_size=BATCH, workers=0, device="cpu") == out
+                batch_size=BATCH, workers=0, device="cpu", hflip=False) == out
     assert_same_cache(out, reference)
     assert not shard_paths(out)

@@ -47,7 +47,7 @@ BATCH = 4  # 88 images: 22 blocks, 11 for each of two ranks
 def extract_arguments(data: Path, out: Path) -> list[str]:
     return ["--backbone", "resnet50", "--weights", "none", "--data", str(data), "--out", str(out),
             "--input-size", *map(str, SIZE), "--batch-size", str(BATCH), "--workers", "0",
-            "--device", "cpu"]
+            "--device", "cpu", "--no-hflip"]
 
 
 def start(launcher: list[str], data: Path, out: Path, log: Path) -> subprocess.Popen:
@@ -82,7 +82,8 @@ def finished(process: subprocess.Popen, log: Path, timeout: float = 300) -> str:
 def reference(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The cache one process writes with these settings; read-only."""
     return main("resnet50", synthetic, out=tmp_path_factory.mktemp("reference") / "x.h5",
-                weights="none", input_size=SIZE, batch_size=BATCH, workers=0, device="cpu")
+                weights="none", input_size=SIZE, batch_size=BATCH, workers=0, device="cpu",
+                hflip=False)
 
 
 # --- torchrun on this CPU ------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def break_an_image_of_rank_1(data: Path, out: Path) -> str:
 def cache_for_another_size(data: Path, out: Path) -> str:
     """A complete cache of these images at another input size where the cache goes."""
     main("resnet50", data, out=out, weights="none", input_size=(48, 48), batch_size=44,
-         workers=0, device="cpu")
+         workers=0, device="cpu", hflip=False)
     return "input_size"
 
 

@@ -82,7 +82,7 @@ def test_hflip_is_part_of_the_cache_name_and_identity(two_view_cache: Path, trai
     copy = Path(shutil.copy(two_view_cache, tmp_path / "x.h5"))
     with pytest.raises(Exception, match="views"):  # a one-view run over a two-view cache
         extract("resnet50", train_data, out=copy, weights="none", input_size=SIZE,
-                device="cpu", batch_size=32, workers=0)
+                device="cpu", batch_size=32, workers=0, hflip=False)
 
 
 def test_a_two_view_cache_merges_from_shards(two_view_cache: Path, tmp_path: Path) -> None:
