@@ -91,12 +91,14 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_cache(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete resnet50 cache (random init, 64 x 64) of `train_data`; read-only."""
+    """A complete resnet50 cache (random init, 64 x 64) of `train_data`, one view, in float32
+    (`amp=False`): the exported model runs the trunk in float32, and tests/test_infer.py checks
+    that infer gives back head.train's figures to the last rank; read-only."""
     from extract.extract_features import main as extract  # torch: after OMP_NUM_THREADS
 
     return extract("resnet50", train_data, out=tmp_path_factory.mktemp("train-cache") / "r50.h5",
                    weights="none", input_size=TRAIN_SIZE, device="cpu", batch_size=32, workers=0,
-                   hflip=False)
+                   hflip=False, amp=False)
 
 
 @pytest.fixture(scope="session")
