@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from head.loss import LOSSES, NEGATIVES
 from head.model import ATTENTIONS, HeadConfig
 from infer.scoring import ASSIGN_METHODS, DEFAULT_ASSIGN, DEFAULT_TEMPERATURE
 from tll import FiniteFloat, UserError
+from tll.files import check_output
 
 DEFAULT_RUNS_DIR = Path("runs")
 MAX_NAME_LENGTH = 100
@@ -98,6 +100,25 @@ def check_run_name(name: str, option: str = "--name") -> None:
         problem = "it holds a control character"
     if problem:
         raise UserError(f"{option} {name!r} is not a plain folder name: {problem}")
+
+
+def new_run(cache: str | Path | list[str | Path], name: str | None, runs_dir: str | Path,
+            overwrite: bool, kind: str = "") -> tuple[list[Path], str, Path]:
+    """The caches as a list, the run's name (default `<caches>[-kind]-<time>`) and its folder,
+    checked before any work: a plain name, a folder that can be written, and one that does not
+    exist yet unless `overwrite`."""
+    caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
+    if not caches:
+        raise UserError("no cache given: pass --cache (repeat it to fuse several)")
+    stem = "+".join(c.stem for c in caches) + (f"-{kind}" if kind else "")
+    name = name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(name)
+    run = Path(runs_dir) / name
+    check_output(run, "run folder", folder=True)
+    if (run.exists() or run.is_symlink()) and not overwrite:
+        raise UserError(f"run folder {run} exists; pass --overwrite to replace it, or choose "
+                        "another --name")
+    return caches, name, run
 
 
 # --- the training settings on the command line --------------------------------------------------

@@ -42,7 +42,7 @@ from head.config import (
     DEFAULT_RUNS_DIR,
     TrainConfig,
     check_config,
-    check_run_name,
+    new_run,
     training_options,
 )
 from head.figures import best_epoch, evaluate, frozen_baseline, summarize
@@ -60,7 +60,7 @@ from head.report import (
 from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
-from tll.files import atomic_output, check_output
+from tll.files import atomic_output
 
 
 @torch.no_grad()
@@ -235,16 +235,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     """Train a head on `cache` (or on a list of caches, fused: one branch of the head each);
     returns the run folder `runs_dir/name`, which appears only once training has finished. An
     existing run folder is refused unless `overwrite`. `options` are TrainConfig's fields."""
-    caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
-    if not caches:
-        raise UserError("no cache given: pass --cache (repeat it to fuse several)")
-    name = name or f"{'+'.join(c.stem for c in caches)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_run_name(name)
-    run = Path(runs_dir) / name
-    check_output(run, "run folder", folder=True)
-    if (run.exists() or run.is_symlink()) and not overwrite:
-        raise UserError(f"run folder {run} exists; pass --overwrite to replace it, or choose "
-                        "another --name")
+    caches, name, run = new_run(cache, name, runs_dir, overwrite)
     infos = read_caches(caches)
     config = TrainConfig(caches=tuple(map(str, caches)), name=name, **options)
     check_config(config)

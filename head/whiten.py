@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from head.config import DEFAULT_RUNS_DIR, TRAIN_OPTIONS, TrainConfig, check_config, check_run_name
+from head.config import DEFAULT_RUNS_DIR, TRAIN_OPTIONS, TrainConfig, check_config, new_run
 from head.figures import evaluate, summarize
 from head.folds import Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.model import save_checkpoint
 from head.report import validated_on
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
-from tll.files import atomic_output, check_output
+from tll.files import atomic_output
 
 DEFAULT_COMPONENTS = 64  # the issue's measurement (VGG16, random init): 0.22 -> 0.31 top-2
 POOL_BATCH = 256  # images pooled at a time: a whole float32 cache need not fit in memory
@@ -167,18 +166,9 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     whitening is fitted on every train image; with val_fraction 0 on every train image, no
     figures. `options`: TrainConfig's validation fields (flip, assign, assign_temperature,
     val_fraction, folds, split_seed, device)."""
-    caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
-    if not caches:
-        raise UserError("no cache given: pass --cache (repeat it to fuse several)")
     if components is not None and components < 1:
         raise UserError(f"--components {components}: keep at least 1")
-    name = name or f"{'+'.join(c.stem for c in caches)}-whiten-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_run_name(name)
-    run = Path(runs_dir) / name
-    check_output(run, "run folder", folder=True)
-    if (run.exists() or run.is_symlink()) and not overwrite:
-        raise UserError(f"run folder {run} exists; pass --overwrite to replace it, or choose "
-                        "another --name")
+    caches, name, run = new_run(cache, name, runs_dir, overwrite, kind="whiten")
     unknown = set(options) - set(WHITEN_OPTIONS)
     if unknown:
         raise TypeError(f"head.whiten takes no {', '.join(sorted(unknown))}")

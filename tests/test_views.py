@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_extract import BFLOAT16_TOLERANCE, relative_errors
 
 from extract.backbones import Trunk, TrunkSpec
 from extract.cache import (
@@ -40,10 +39,10 @@ SIZE = (64, 64)
 
 @pytest.fixture(scope="module")
 def two_view_cache(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The conftest's train_cache settings, with flipped views; read-only."""
+    """The conftest's train_cache settings (float32), with flipped views; read-only."""
     return extract("resnet50", train_data, out=tmp_path_factory.mktemp("hflip") / "r50.h5",
                    weights="none", input_size=SIZE, device="cpu", batch_size=32, workers=0,
-                   hflip=True)
+                   hflip=True, amp=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +67,7 @@ def test_flipped_maps_are_the_trunks_on_flipped_images(two_view_cache: Path, tra
     with torch.inference_mode():
         expected = trunk(images.flip(-1)).numpy()
     flipped = read_features(two_view_cache, [keys[r] for r in rows], "hflip")
-    if info.precision == "float32":
-        np.testing.assert_allclose(flipped.astype(np.float32), expected, rtol=1e-2, atol=1e-2)
-    else:  # bfloat16 autocast (--amp, the default on a CPU that has it): close, not equal
-        assert relative_errors(flipped, expected).max() < BFLOAT16_TOLERANCE
+    np.testing.assert_allclose(flipped.astype(np.float32), expected, rtol=1e-2, atol=1e-2)
     assert not np.allclose(flipped, read_features(two_view_cache, [keys[r] for r in rows]))
 
 
