@@ -121,6 +121,15 @@ def new_run(cache: str | Path | list[str | Path], name: str | None, runs_dir: st
     return caches, name, run
 
 
+def refuse_val_fraction_with_folds(context: click.Context, options: dict) -> None:
+    """For a command with --folds and --val-fraction: both given is a usage error (the folds hold
+    out 1/K each), while --val-fraction's default alone is fine."""
+    if options["folds"] and context.get_parameter_source("val_fraction") \
+            == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--val-fraction and --folds exclude each other: the folds hold "
+                               "out 1/K of the pairs each")
+
+
 # --- the training settings on the command line --------------------------------------------------
 
 _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

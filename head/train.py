@@ -43,6 +43,7 @@ from head.config import (
     TrainConfig,
     check_config,
     new_run,
+    refuse_val_fraction_with_folds,
     training_options,
 )
 from head.figures import best_epoch, evaluate, frozen_baseline, summarize
@@ -294,10 +295,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
 def cli(context: click.Context, **options) -> None:
     """Train the attention / max-pool / FC head on a feature cache (cosine triplet loss or
     InfoNCE)."""
-    if options["folds"] and context.get_parameter_source("val_fraction") \
-            == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--val-fraction and --folds exclude each other: the folds hold "
-                               "out 1/K of the pairs each")
+    refuse_val_fraction_with_folds(context, options)
     with user_errors(interrupted="interrupted; no run folder was written (training does not "
                                  "resume: rerun to train again)"):
         run = main(**options)

@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from head.config import DEFAULT_RUNS_DIR, TRAIN_OPTIONS, TrainConfig, check_config, new_run
+from head.config import (
+    DEFAULT_RUNS_DIR,
+    TRAIN_OPTIONS,
+    TrainConfig,
+    check_config,
+    new_run,
+    refuse_val_fraction_with_folds,
+)
 from head.figures import evaluate, summarize
 from head.folds import Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.model import save_checkpoint
@@ -240,10 +247,7 @@ def _whiten_options(command: click.Command) -> click.Command:
 def cli(context: click.Context, **options) -> None:
     """Fit a PCA whitening of the trunk's pooled features on the train images (no training) and
     write a run folder that `python -m head.export` exports like a trained head."""
-    if options["folds"] and context.get_parameter_source("val_fraction") \
-            == click.core.ParameterSource.COMMANDLINE:
-        raise click.UsageError("--val-fraction and --folds exclude each other: the folds hold "
-                               "out 1/K of the pairs each")
+    refuse_val_fraction_with_folds(context, options)
     with user_errors():
         run = main(**options)
     click.echo(run)
