@@ -36,6 +36,7 @@ class TrainConfig:
     # loss, no features layer, no dropout) scored best on both random-init backbones, 5-fold; the
     # sweep's InfoNCE head tied it on VGG16 and fell behind on ResNet50.
     epochs: int = 10
+    patience: int = 0  # stop once the selection figure has not risen for this many epochs; 0: never
     batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -137,7 +138,12 @@ _defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # one click option per TrainConfig field the command line sets (all but caches and name), in
 # --help order; head.sweep checks each --param value with its option's type
 TRAIN_OPTIONS: dict[str, click.Option] = {option.name: option for option in [
-    click.Option(["--epochs"], type=click.IntRange(min=1), default=_defaults["epochs"]),
+    click.Option(["--epochs"], type=click.IntRange(min=1), default=_defaults["epochs"],
+                 help="The most epochs trained (fewer with --patience)."),
+    click.Option(["--patience"], type=click.IntRange(min=0), default=_defaults["patience"],
+                 help="Stop once the validation figure that picks the kept epoch (the k-fold "
+                      "mean with --folds) has not risen for this many epochs; the best epoch is "
+                      "kept as ever. 0: train every epoch."),
     click.Option(["--batch-size"], type=click.IntRange(min=2), default=_defaults["batch_size"],
                  help="Pairs per batch; each anchor gets batch-size - 1 in-batch negatives."),
     click.Option(["--lr"], type=click.FloatRange(min=0, max=MAX_LR, min_open=True),

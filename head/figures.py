@@ -66,6 +66,14 @@ def best_epoch(history: list[dict], config: TrainConfig) -> dict:
     return max(history, key=lambda record: record[figure])
 
 
+def stalled(history: list[dict], config: TrainConfig) -> bool:
+    """Whether training should stop early: `config.patience` epochs have passed since the best
+    one (never with patience 0, nor without validation)."""
+    if not config.patience or selection_figure(config) not in history[-1]:
+        return False
+    return history[-1]["epoch"] - best_epoch(history, config)["epoch"] >= config.patience
+
+
 def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
     """The trunks alone: each cache's features averaged over views and positions, normalised,
     concatenated, compared by cosine."""

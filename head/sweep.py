@@ -50,6 +50,7 @@ from tll.files import atomic_output, check_output, write_text
 LEADERBOARD_SIZE = 10
 STORAGE_ATTEMPTS = 5
 HEARTBEAT_SECONDS = 30
+DEFAULT_PATIENCE = 3
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ SEARCH_SPACE: dict[str, Space] = {
 USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "infonce"}
 # what a study is run with, the same for every trial: set by the sweep's own options (a study
 # resumed with other values is refused), never by --param
-STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature")
+STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature", "patience")
 # held fixed for every trial besides: val_fraction is unused with folds
 FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "val_fraction")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
@@ -177,7 +178,8 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
          runs_dir: str | Path = DEFAULT_RUNS_DIR, data: str | Path | None = None,
          assign: str = TrainConfig.assign,
          assign_temperature: float = TrainConfig.assign_temperature, split_seed: int = 0,
-         seed: int = 0, sampler_seed: int | None = None, device: str = "auto") -> Path:
+         seed: int = 0, sampler_seed: int | None = None, device: str = "auto",
+         patience: int = DEFAULT_PATIENCE) -> Path:
     """Run `trials` more trials of the study (created or resumed) on `cache` (or a list of
     caches, fused); returns its output folder."""
     caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
@@ -188,7 +190,7 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     check_output(out, "sweep folder", folder=True)
     fixed = dict(caches=tuple(map(str, caches)), name=study_name, folds=folds,
                  split_seed=split_seed, seed=seed, assign=assign,
-                 assign_temperature=assign_temperature, device=device)
+                 assign_temperature=assign_temperature, device=device, patience=patience)
     check_config(TrainConfig(**fixed))
     if folds < 2:
         raise UserError(f"--folds {folds}: a sweep scores each trial by cross-validation, "
@@ -226,6 +228,7 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
         for key, value in best.items():
             if key != "folds":
                 trial.set_user_attr(key, value)
+        trial.set_user_attr("epochs_trained", len(history))
         return best[figure]
 
     ran: list[optuna.trial.FrozenTrial] = []  # this process's trials, as they end
@@ -306,6 +309,8 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict, space: dict[s
                "dataset": infos[0].dataset_fingerprint,
                **{k: fixed[k] for k in STUDY_SETTING}}
     recorded = study.user_attrs.get("setting")
+    if recorded is not None and "patience" not in recorded:  # a study from before --patience
+        recorded = {**recorded, "patience": 0}
     if recorded is None:
         study.set_user_attr("setting", setting)
         study.set_user_attr("caches", list(fixed["caches"]))
@@ -350,8 +355,11 @@ def _check_sqlite_folder(storage: str) -> None:
 
 def _log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     if trial.state == optuna.trial.TrialState.COMPLETE:
-        logger.info("trial %d: %.3f at epoch %s  %s", trial.number, trial.value,
-                    trial.user_attrs.get("epoch"), _params_text(trial.params))
+        trained = trial.user_attrs.get("epochs_trained")
+        stopped = (f" (stopped after {trained} of {trial.params.get('epochs')})"
+                   if trained and trained != trial.params.get("epochs") else "")
+        logger.info("trial %d: %.3f at epoch %s%s  %s", trial.number, trial.value,
+                    trial.user_attrs.get("epoch"), stopped, _params_text(trial.params))
     else:
         error = trial.user_attrs.get("error")
         logger.info("trial %d %s%s  %s", trial.number, trial.state.name.lower(),
@@ -471,6 +479,9 @@ def _plot(study: optuna.Study, work: Path) -> None:
               help="Sinkhorn's temperature (as head.train's).")
 @click.option("--split-seed", type=int, default=0, help="Draws the folds.")
 @click.option("--seed", type=int, default=0, help="Initialisation and batch order of trials.")
+@click.option("--patience", type=TRAIN_OPTIONS["patience"].type, default=DEFAULT_PATIENCE,
+              help="Stop a trial once its mean has not risen for this many epochs (its best "
+                   "epoch is its score, as without); 0: every trial trains its drawn --epochs.")
 @click.option("--sampler-seed", type=int, default=None,
               help="Seeds TPE's sampling (one process only: workers with one seed would "
                    "sample alike).")

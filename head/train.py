@@ -46,7 +46,7 @@ from head.config import (
     refuse_val_fraction_with_folds,
     training_options,
 )
-from head.figures import best_epoch, evaluate, frozen_baseline, summarize
+from head.figures import best_epoch, evaluate, frozen_baseline, selection_figure, stalled, summarize
 from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.loss import pair_loss
 from head.model import Head, HeadConfig, save_checkpoint
@@ -183,10 +183,11 @@ class Trainer:
 def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
                    on_epoch: Callable[[int, dict], None] | None = None,
                    progress: bool = True) -> list[dict]:
-    """Train one head per fold, side by side, for config.epochs; returns each epoch's summary
-    over the folds (`summarize`, plus `epoch`, `seconds` and the per-fold figures under
-    `folds`). `on_epoch(epoch, summary)` runs after each epoch (a sweep reports and prunes);
-    `progress` shows each epoch's batch bar."""
+    """Train one head per fold, side by side, for config.epochs (fewer where --patience stops
+    them); returns each epoch's summary over the folds (`summarize`, plus `epoch`, `seconds` and
+    the per-fold figures under `folds`). `on_epoch(epoch, summary)` runs after each epoch (a
+    sweep reports and prunes); `progress` shows each epoch's batch bar and logs an early
+    stop."""
     trainers = [Trainer(fold, head_config, config, progress) for fold in folds]
     history = []
     for number in range(1, config.epochs + 1):
@@ -199,6 +200,10 @@ def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConf
         history.append(summary)
         if on_epoch:
             on_epoch(number, summary)
+        if stalled(history, config):
+            if progress:
+                _log_stop(history, config)
+            break
     return history
 
 
@@ -216,7 +221,16 @@ def train_single_split(fold: Fold, head_config: HeadConfig, config: TrainConfig,
         on_epoch(number, record)
         if best_epoch(history, config) is record:
             kept = copy.deepcopy(trainer.head)
+        if stalled(history, config):
+            _log_stop(history, config)
+            break
     return history, kept
+
+
+def _log_stop(history: list[dict], config: TrainConfig) -> None:
+    logger.info("stopped after epoch %d of %d: %s has not risen for %d epochs (--patience) "
+                "since epoch %d", history[-1]["epoch"], config.epochs, selection_figure(config),
+                config.patience, best_epoch(history, config)["epoch"])
 
 
 def train_final_head(pairs: CachedPairs, head_config: HeadConfig, config: TrainConfig,

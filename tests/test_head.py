@@ -28,7 +28,7 @@ from head import loss as loss_module
 from head import train as train_module
 from head.config import TrainConfig
 from head.export import describe
-from head.figures import evaluate
+from head.figures import evaluate, stalled
 from head.folds import Fold, all_pairs_fold, load_pairs, validation_folds
 from head.loss import cosine_triplet_loss, info_nce_loss, pair_loss
 from head.model import (
@@ -593,3 +593,51 @@ def test_weights_diverging_in_the_last_batch_end_in_a_clear_message(train_cache:
         train_module.main(train_cache, name="bad", runs_dir=runs,
                           **{**TRAIN_SETTINGS, "lr": 1e30, "epochs": 1, "batch_size": 256})
     assert_no_run_left(runs)
+
+
+
+@pytest.mark.parametrize(("curve", "patience", "stops_after"), [
+    ([0.1, 0.3, 0.2, 0.25, 0.4], 2, 4),  # best at 2, then two epochs without a rise
+    ([0.1, 0.3, 0.3, 0.3], 2, 4),  # a tie is no rise: the first best epoch counts
+    ([0.1, 0.2, 0.3, 0.4], 1, None),  # rising every epoch
+    ([0.4, 0.3, 0.2, 0.1], 0, None),  # patience 0 never stops
+])
+def test_stalled_counts_epochs_since_the_best(curve: list[float], patience: int,
+                                              stops_after: int | None) -> None:
+    config = TrainConfig(caches=("c",), name="n", patience=patience, assign="none")
+    history, stopped = [], None
+    for epoch, top2 in enumerate(curve, start=1):
+        history.append({"epoch": epoch, "loss": 1.0, "top2": top2})
+        if stalled(history, config):
+            stopped = epoch
+            break
+    assert stopped == stops_after
+
+
+class ScriptedTrainer:
+    """Stands in for head.train's Trainer: every fold scores CURVE[epoch - 1]."""
+
+    CURVE = [0.5, 0.9, 0.6, 0.7, 0.8, 0.95, 0.9, 0.9, 0.9, 0.9]
+
+    def __init__(self, fold, head_config, config, progress=True):
+        self.head = torch.nn.Linear(1, 1)
+
+    def epoch(self, number: int) -> dict[str, float]:
+        return {"loss": 1.0, "top1": 0.0, "top2": self.CURVE[number - 1], "mrr": 0.0}
+
+
+@pytest.mark.parametrize("folds", [2, 0])
+def test_patience_stops_training_and_keeps_the_best_epoch(
+        folds: int, train_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-fold and a single split both stop once the selection figure has not risen for
+    --patience epochs (3: best at epoch 2, stopped after 5 of 10), and keep the best epoch."""
+    monkeypatch.setattr(train_module, "Trainer", ScriptedTrainer)
+    config = _config(train_cache, epochs=10, assign="none", patience=3, folds=folds)
+    fold = validation_folds(load_pairs([train_cache], [read_info(train_cache)], None,
+                                       torch.device("cpu")), config)
+    if folds:
+        history = train_module.cross_validate(fold, None, config, progress=False)
+    else:
+        history, _ = train_module.train_single_split(fold[0], None, config, lambda *_: None)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert train_module.best_epoch(history, config)["epoch"] == 2
