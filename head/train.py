@@ -60,7 +60,7 @@ from head.report import (
 )
 from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
-from tll.device import resolve_device
+from tll.device import resolve_device, training_autocast
 from tll.files import atomic_output
 
 
@@ -109,8 +109,10 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
                                                               start=1):
         lefts, rights = fold.train_left[batch], fold.train_right[batch]
         # float16 as cached: the head makes float32 channels-last maps in one copy
-        anchors = head(*[f[lefts, left_view] for f in fold.features])  # (B, D)
-        positives = head(*[f[rights, right_view] for f in fold.features])  # (B, D)
+        with training_autocast(device, config.amp):
+            anchors = head(*[f[lefts, left_view] for f in fold.features])  # (B, D)
+            positives = head(*[f[rights, right_view] for f in fold.features])  # (B, D)
+        anchors, positives = anchors.float(), positives.float()  # the loss in float32
         loss = pair_loss(anchors, positives, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,6 +43,7 @@ from head.model import (
 )
 from head.train import Trainer, cli, embed
 from tll import UserError
+from tll.device import native_bfloat16
 
 RUN_FILES = {"head.pt", "config.json", "metrics.jsonl", "curves.png"}
 # the feature maps the two default trunks give at the dataset's native 245 x 200
@@ -641,3 +642,24 @@ def test_patience_stops_training_and_keeps_the_best_epoch(
         history, _ = train_module.train_single_split(fold[0], None, config, lambda *_: None)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
     assert train_module.best_epoch(history, config)["epoch"] == 2
+
+
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_trains_in_bfloat16_and_validates_in_float32(amp: bool, train_cache: Path) -> None:
+    """--amp: the training steps' matrix products in bfloat16 on a CPU that has it natively;
+    validation (what the exported float32 model reproduces) in float32 either way."""
+    config = _config(train_cache, epochs=1, amp=amp)
+    fold = validation_folds(load_pairs([train_cache], [read_info(train_cache)], None,
+                                       torch.device("cpu")), config)[0]
+    trainer = Trainer(fold, Head(HeadConfig(feature_shapes=[read_info(train_cache)
+                                                            .feature_shape])).config, config)
+    seen = []
+    trainer.head.fc.register_forward_hook(
+        lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    record = trainer.epoch(1)
+    assert np.isfinite(record["loss"])
+    trained = {dtype for training, dtype in seen if training}
+    validated = {dtype for training, dtype in seen if not training}
+    assert trained == {torch.bfloat16 if amp else torch.float32}
+    assert validated == {torch.float32}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import torch
@@ -49,3 +50,12 @@ def compute_precision(device: torch.device, amp: bool) -> str:
     if amp and device.type == "cpu" and native_bfloat16():
         return "bfloat16"
     return "float32"
+
+
+def training_autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """Where a head trains in lower precision: with `amp`, bfloat16 autocast on a CPU that has
+    it natively (its matrix products, most of an epoch, run about twice as fast); float32
+    elsewhere (CUDA trains in TF32 already, and float16 would need loss scaling)."""
+    if amp and device.type == "cpu" and native_bfloat16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
