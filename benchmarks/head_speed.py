@@ -109,7 +109,8 @@ WHAT_IFS = {"what-if: NCHW, attention as convolutions": {"plain": True},
 
 
 # other heads timed beside the default one (head.train options)
-LEVERS = {"+ features layer 256": {"features_dim": 256},
+LEVERS = {"--no-amp (float32 training steps)": {"amp": False},
+          "+ features layer 256": {"features_dim": 256},
           "the sweep's head (InfoNCE, features layer 256, dropout 0.4)": SWEEP_HEAD}
 
 

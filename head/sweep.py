@@ -51,6 +51,9 @@ LEADERBOARD_SIZE = 10
 STORAGE_ATTEMPTS = 5
 HEARTBEAT_SECONDS = 30
 DEFAULT_PATIENCE = 3
+# the median pruner judges a trial from its second epoch on, once the study has 5 trials to
+# compare with (issue 21: from the fourth epoch before; benchmarks/sweep_speed.py measures both)
+PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_EPOCHS = 5, 1
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,8 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict, space: dict[s
             study = optuna.create_study(
                 study_name=name, storage=rdb, direction="maximize", load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
+                                                   n_warmup_steps=PRUNER_WARMUP_EPOCHS))
             break
         except Exception as error:  # a bad URL, a database that cannot be opened or created
             # several workers creating one new database race on its tables (optuna#1092):

@@ -1,0 +1,108 @@
+"""Trials per minute of `python -m head.sweep` as it runs now against the sweep before issue 21,
+in one process, on one cache, with the same study settings (5 folds, `--sampler-seed`): TPE's
+first 10 trials are drawn at random from that seed, so both runs try the same configs.
+
+Before: every trial trains its drawn --epochs (no --patience), the median pruner judges from the
+fourth epoch, training steps in float32 and the head's forward as before issue 21 (the maps
+NCHW, the attention as convolutions: head_speed's what-if). Now: head.sweep's defaults. The
+table gives trials, complete / pruned, epochs trained (each over every fold), minutes, trials
+per minute (of the wall clock and of the process's CPU time), the ratio (target >= 4), and the best trial's mean top-2 after assignment +- SE, so
+that a faster sweep is seen to find as good a head.
+
+    python benchmarks/sweep_speed.py --cache cache/vgg16-features-none-hflip.h5 [--trials 10]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import common
+import optuna
+import torch
+from head_speed import what_if
+
+from head import sweep
+from head.config import TrainConfig
+
+TARGET_RATIO = 4.0
+
+
+@contextlib.contextmanager
+def before_issue_21():
+    """The pruner's old warm-up and the head's old forward (the caller passes --patience 0 and
+    --param amp=false: a one-value parameter draws nothing from the sampler)."""
+    saved = sweep.PRUNER_WARMUP_EPOCHS
+    sweep.PRUNER_WARMUP_EPOCHS = 3
+    try:
+        with what_if(plain=True):
+            yield
+    finally:
+        sweep.PRUNER_WARMUP_EPOCHS = saved
+
+
+def run_sweep(cache: Path, trials: int, folds: int, sampler_seed: int, patience: int,
+              params: tuple[str, ...], scratch: Path) -> dict:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    out = sweep.main(cache, trials=trials, folds=folds, study="bench", runs_dir=scratch,
+                     sampler_seed=sampler_seed, device="cpu", patience=patience, params=params)
+    minutes = (time.perf_counter() - started) / 60
+    cpu_minutes = (time.process_time() - cpu_started) / 60
+    study = optuna.load_study(study_name="bench", storage=f"sqlite:///{scratch / 'sweeps.db'}")
+    states = [t.state for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    figure = sweep.selection_figure(TrainConfig(caches=(str(cache),), name="x"))
+    return {"trials": len(study.trials), "complete": states.count(optuna.trial.TrialState.COMPLETE),
+            "pruned": states.count(optuna.trial.TrialState.PRUNED),
+            "epochs": sum(len(t.intermediate_values) for t in study.trials),
+            "minutes": minutes, "per_minute": len(study.trials) / minutes,
+            "cpu_minutes": cpu_minutes, "per_cpu_minute": len(study.trials) / cpu_minutes,
+            "best": (f"{best.value:.3f} +- {best.user_attrs.get(f'{figure}_se', float('nan')):.3f}"
+                     f" (trial {best.number}, epoch {best.user_attrs.get('epoch')})"
+                     if best else "-"),
+            "out": out}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--cache", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              required=True, help="The cache both sweeps search on (the README's: VGG16).")
+@click.option("--trials", type=click.IntRange(min=1), default=10)
+@click.option("--folds", type=click.IntRange(min=2), default=5)
+@click.option("--sampler-seed", type=int, default=0)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads [default: torch's].")
+def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | None) -> None:
+    """Trials per minute of head.sweep now against before issue 21, same study settings."""
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(common.environment())
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, patience, params, context in (
+                ("before issue 21", 0, ("amp=false",), before_issue_21()),
+                ("now (defaults)", sweep.DEFAULT_PATIENCE, (), contextlib.nullcontext())):
+            with context:
+                result = run_sweep(cache, trials, folds, sampler_seed, patience, params,
+                                   Path(scratch) / name.split()[0])
+            click.echo(f"{name}: {result}")
+            rows.append([name, result["trials"], result["complete"], result["pruned"],
+                         result["epochs"], result["minutes"], result["per_minute"],
+                         result["per_cpu_minute"], result["best"]])
+    ratios = [rows[1][column] / rows[0][column] for column in (6, 7)]
+    rows[1] += [*ratios, common.verdict(ratios[1], TARGET_RATIO)]
+    rows[0] += ["", "", ""]
+    click.echo(f"\n{cache}, {folds} folds, --sampler-seed {sampler_seed}, {trials} trials each")
+    click.echo(common.table(["sweep", "trials", "complete", "pruned", "epochs trained",
+                             "minutes", "trials/min", "trials/CPU min",
+                             "best top-2 (trial, epoch)", "ratio", "ratio (CPU)",
+                             f"target >= {TARGET_RATIO:g}"], rows))
+    click.echo("trials/CPU min: per minute of this process's CPU time, which other jobs on a "
+               "shared machine disturb far less than the wall clock; the verdict uses it")
+
+
+if __name__ == "__main__":
+    cli()
