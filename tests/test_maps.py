@@ -144,3 +144,28 @@ def test_onnx_maps_equal_torchs(exported_run: Path) -> None:
     assert info.maps["attention"] == ["attention_0"]
     assert [tuple(t) for t in info.maps["terms"]] == network.head.terms()
     assert json.loads(info.to_props()["maps"]) == info.maps
+
+
+def test_a_model_without_maps_still_gets_its_page(exported_run: Path, train_data: Path,
+                                                  tmp_path: Path) -> None:
+    """A file from before the maps (its graph cut to the embedding, no `maps` metadata): infer
+    asks it for the embedding alone and writes the page without overlays, saying why."""
+    import onnx
+
+    from infer.predict import main as infer
+
+    model = onnx.load(str(exported_run / "model.onnx"))
+    cut = onnx.utils.Extractor(model).extract_model(["image"], ["embedding"])
+    for entry in model.metadata_props:
+        if entry.key != "maps":
+            cut.metadata_props.add(key=entry.key, value=entry.value)
+    onnx.save_model(cut, tmp_path / "old.onnx")
+    assert [o.name for o in ort.InferenceSession(
+        str(tmp_path / "old.onnx"), providers=["CPUExecutionProvider"]).get_outputs()] == \
+        ["embedding"]
+    infer(tmp_path / "old.onnx", train_data, split="val", out=tmp_path / "val.json",
+          device="cpu")
+    page = (tmp_path / "val.html").read_text()
+    assert page.count('<div class="q" id=') == 60
+    assert "<canvas" not in page and "No maps: this model does not give them" in page
+    assert "const MAPS = null;" in page
