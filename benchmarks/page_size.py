@@ -2,9 +2,12 @@
 number of validation queries, and what they are spent on (thumbnails, the maps' numbers, the
 rest).
 
-The queries are a validation split of a synthetic set (`extract.synth`, 245 x 200 images like
-the real ones; thumbnails of real photos are larger JPEGs, so `--data` takes a real set), the
-scores random and the maps random numbers of the shapes a ResNet50 layer4 model at 245 x 200
+The queries are a validation split where the set's train pairs can hold them (the real set's
+1,600 pairs: 160 queries, as infer --split val makes at --val-fraction 0.1), else the set's
+first test queries (the real set's 2,000), each given a random true candidate so that the page
+has its truth column and gallery; without --data, a synthetic set (`extract.synth`, 245 x 200
+images like the real ones, whose thumbnails are smaller JPEGs than photos'). The scores are
+random and the maps random numbers of the shapes a ResNet50 layer4 model at 245 x 200
 gives (attention 8 x 7, a 2 x 2 cell grid, 256 dimensions): their size on the page does not
 depend on their values beyond a digit or two.
 
@@ -40,10 +43,15 @@ def random_maps(keys: list[str], seed: int = 0) -> ImageMaps:
 
 def measure(data: Path, n_queries: int, out: Path) -> list:
     dataset = read_dataset(data)
-    fraction = min(1.0, n_queries / len(dataset.train_pairs))
-    queries = validation_split(dataset, fraction, seed=0)[1][:n_queries]
-    truth = np.array([q.truth for q in queries])
-    scores = np.random.default_rng(1).normal(size=(len(queries), 20))  # (Q, 20)
+    rng = np.random.default_rng(1)
+    if n_queries <= len(dataset.train_pairs) // 2:
+        fraction = n_queries / len(dataset.train_pairs)
+        queries = validation_split(dataset, fraction, seed=0)[1][:n_queries]
+        truth = np.array([q.truth for q in queries])  # (Q,)
+    else:
+        queries = dataset.test_queries[:n_queries]
+        truth = rng.integers(0, 20, size=len(queries))  # (Q,)
+    scores = rng.normal(size=(len(queries), 20))  # (Q, 20)
     keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
     page = write_report_page(out, {"queries": str(len(queries))}, queries, dataset.images,
                              scores, None, truth, random_maps(keys)).read_text()
@@ -64,7 +72,7 @@ def cli(counts: tuple[int, ...], data: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-page-") as scratch:
         scratch = Path(scratch)
         if data is None:
-            data = make_synthetic(scratch / "data", pairs=max(counts) + 20, queries=20)
+            data = make_synthetic(scratch / "data", pairs=400, queries=max(counts))
         rows = [measure(data, n, scratch / f"page-{n}.html") for n in counts]
     click.echo("queries  page MB  thumbnails MB  maps MB  rest MB")
     for row in rows:

@@ -229,6 +229,7 @@ class TLLNet(nn.Module):
     which of its outputs); by default each trunk gives one input, in order. With views
     ("identity", "hflip") the image and its left-right flip are embedded and their mean,
     normalised again, is the embedding: the test-time augmentation head.train validates with.
+    `explain` gives, besides the embedding, what it is made of (the error-analysis page's maps).
     """
 
     def __init__(self, trunks: list[nn.Module], head: Head,

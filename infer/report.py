@@ -113,7 +113,7 @@ function paintSimilarity(figure) {
   paint(figure.querySelector("canvas.s"), pool, pool, own.map((v) => v / scale),
         [220, 30, 30], [30, 80, 230]);
   figure.querySelector(".m").title = `cosine ${((sum + rest) / 1000).toFixed(3)} with ${
-    isQuery ? "candidate " + (Number(k) + 1) : "the query"}: cells ${(sum / 1000).toFixed(3)}` +
+    isQuery ? row.querySelector(`figure[data-k="${k}"] img`).alt : "the query"}: cells ${(sum / 1000).toFixed(3)}` +
     ` + rest (vector inputs, bias) ${(rest / 1000).toFixed(3)}`;
 }
 if (MAPS) {
