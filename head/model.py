@@ -205,8 +205,11 @@ class Head(nn.Module):
             weight = self.fc.weight[:, start:start + flat.shape[1]]  # (D, width)
             start += flat.shape[1]
             if len(shape) == 3:  # a map's flat index is channel * cells + cell
-                terms.append(torch.einsum("bck,dck->bkd", flat.unflatten(1, (-1, cells)),
-                                          weight.unflatten(1, (-1, cells))))  # (B, cells, D)
+                # one matrix product per cell, batched over cells: ONNX Runtime's Einsum took
+                # ~15x longer on the same contraction
+                by_cell = flat.unflatten(1, (-1, cells)).permute(2, 0, 1)  # (cells, B, C)
+                weights = weight.unflatten(1, (-1, cells)).permute(2, 1, 0)  # (cells, C, D)
+                terms.append((by_cell @ weights).permute(1, 0, 2))  # (B, cells, D)
             else:
                 terms.append((flat @ weight.T)[:, None])  # (B, 1, D)
         terms.append(torch.zeros_like(z)[:, None] + self.fc.bias)  # (B, 1, D)
