@@ -86,7 +86,7 @@ function paint(canvas, width, height, strengths, positive, negative) {
   canvas.width = width; canvas.height = height;
   const context = canvas.getContext("2d"), pixels = context.createImageData(width, height);
   strengths.forEach((v, i) => pixels.data.set(
-    [...(v >= 0 ? positive : negative), Math.round(190 * Math.min(1, Math.abs(v)))], 4 * i));
+    [...(v >= 0 ? positive : negative), Math.round(160 * Math.min(1, Math.abs(v)))], 4 * i));
   context.putImageData(pixels, 0, 0);
   canvas.dataset.drawn = "1";
 }
@@ -112,9 +112,10 @@ function paintSimilarity(figure) {
   const sum = own.reduce((a, b) => a + b, 0);
   paint(figure.querySelector("canvas.s"), pool, pool, own.map((v) => v / scale),
         [220, 30, 30], [30, 80, 230]);
+  const other = isQuery ? row.querySelector(`figure[data-k="${k}"] img`).alt : "the query";
   figure.querySelector(".m").title = `cosine ${((sum + rest) / 1000).toFixed(3)} with ${
-    isQuery ? row.querySelector(`figure[data-k="${k}"] img`).alt : "the query"}: cells ${(sum / 1000).toFixed(3)}` +
-    ` + rest (vector inputs, bias) ${(rest / 1000).toFixed(3)}`;
+    other}: cells ${(sum / 1000).toFixed(3)} + rest (vector inputs, bias) ${
+    (rest / 1000).toFixed(3)}`;
 }
 if (MAPS) {
   for (const figure of document.querySelectorAll("figure[data-k]")) {
