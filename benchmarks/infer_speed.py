@@ -11,6 +11,14 @@ Both embed the same pre-decoded batch (16 x 3 x 245 x 200); they alternate round
 the ratio ONNX / torch is the median of the per-round ratios. Target >= 1.3.
 `--tune` adds ONNX Runtime SessionOptions variants (and channels_last eager torch) to the race.
 
+The file also gives the page's maps (cell embeddings, attention) as outputs that `infer` asks
+for only when it writes the page. Two more rows price them: the same session asked for every
+output ("+ maps"), and the file cut to its embedding alone with `onnx.utils.Extractor` (the
+graph of a file without maps, "cut to embedding"): the embedding alone must cost what it costs
+there (ratio ~1). ONNX Runtime runs the whole graph whatever outputs are asked, so the maps are
+computed either way; their nodes' share of the kernel time, from ONNX Runtime's profiler over
+the same batches, is printed too: a figure steadier than img/s on a busy machine.
+
     python benchmarks/infer_speed.py [--data DIR] [--quick] [--tune]
 """
 
@@ -64,14 +72,51 @@ def make_run(backbone: str, data: Path, scratch: Path) -> Path:
     return run
 
 
-def onnx_measure(session: ort.InferenceSession, images: np.ndarray, batches: int):
+def onnx_measure(session: ort.InferenceSession, images: np.ndarray, batches: int,
+                 outputs: tuple[str, ...] = ("embedding",)):
     def measure() -> float:
         with common.Timer() as timer:
             for _ in range(batches):
-                session.run(["embedding"], {"image": images})  # (B, D)
+                session.run(list(outputs), {"image": images})  # (B, D), ...
         return batches * len(images) / timer.seconds
 
     return measure
+
+
+def embedding_only(path: Path, options: ort.SessionOptions | None = None
+                   ) -> ort.InferenceSession:
+    """A session on the file cut to the nodes its embedding needs: the graph without maps."""
+    import onnx
+
+    cut = onnx.utils.Extractor(onnx.load(str(path))).extract_model(["image"], ["embedding"])
+    return ort.InferenceSession(cut.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def maps_share(path: Path, images: np.ndarray, batches: int, scratch: Path) -> float:
+    """The share of ONNX Runtime's kernel time (its profiler, default optimisations) spent in
+    the nodes the file cut to its embedding does not have: what the maps cost a call that asks
+    for the embedding alone."""
+    import json
+    from collections import Counter
+
+    def kernel_times(make: Callable[[ort.SessionOptions], ort.InferenceSession],
+                     prefix: str) -> Counter:
+        options = ort.SessionOptions()
+        options.enable_profiling, options.profile_file_prefix = True, str(scratch / prefix)
+        session = make(options)
+        for _ in range(batches + 1):
+            session.run(["embedding"], {"image": images})
+        times = Counter()
+        for event in json.loads(Path(session.end_profiling()).read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                times[event["name"].removesuffix("_kernel_time")] += event["dur"]
+        return times
+
+    full = kernel_times(lambda o: ort.InferenceSession(
+        str(path), o, providers=["CPUExecutionProvider"]), "full")
+    cut = kernel_times(lambda o: embedding_only(path, o), "cut")
+    return sum(t for node, t in full.items() if node not in cut) / sum(full.values())
 
 
 def torch_measure(net: torch.nn.Module, images: torch.Tensor, batches: int):
@@ -112,7 +157,11 @@ def bench(backbone: str, data: Path, scratch: Path, batch: int, rounds: int,
     session, _ = open_session(run / "model.onnx", "cpu")
     net, _ = build_network(run / "head.pt")
     images = torch.rand(batch, 3, *DEFAULT_INPUT_SIZE, generator=torch.Generator().manual_seed(0))
+    outputs = tuple(o.name for o in session.get_outputs())
     measures = {"onnx (open_session)": onnx_measure(session, images.numpy(), batches),
+                "onnx + maps": onnx_measure(session, images.numpy(), batches, outputs),
+                "onnx cut to embedding": onnx_measure(embedding_only(run / "model.onnx"),
+                                                      images.numpy(), batches),
                 "torch eager": torch_measure(net, images, batches)}
     if tune:
         for name, variant in session_variants(run / "model.onnx").items():
@@ -135,6 +184,14 @@ def bench(backbone: str, data: Path, scratch: Path, batch: int, rounds: int,
             verdict = common.verdict(ratio, TARGET)
         rows.append([backbone, name, common.median(speeds), common.spread(speeds), ratio,
                      verdict])
+    cut = results["onnx cut to embedding"]
+    for name in ("onnx (open_session)", "onnx + maps"):
+        ratio = common.median([o / c for o, c in zip(results[name], cut, strict=True)])
+        click.echo(f"{backbone}: {name} / onnx cut to embedding: {ratio:.3f} (median over "
+                   "rounds)")
+    share = maps_share(run / "model.onnx", images.numpy(), batches, scratch)
+    click.echo(f"{backbone}: the maps' nodes take {100 * share:.2f}% of ONNX Runtime's kernel "
+               "time on a call for the embedding alone (its profiler)")
     return rows
 
 

@@ -19,7 +19,7 @@ import torch
 
 from extract.backbones import GLOBAL, Trunk
 from extract.trunk_spec import TrunkSpec, file_id
-from head.model import TLLNet, load_checkpoint
+from head.model import Head, TLLNet, load_checkpoint
 from infer.model_info import TRUNK_KEYS, ModelInfo
 from tll import UserError, UserPath, __version__, logger, user_errors
 from tll.files import atomic_output, check_output, file_kind, file_start
@@ -102,9 +102,38 @@ def model_info(checkpoint: dict) -> ModelInfo:
     )
 
 
-def describe(checkpoint: dict) -> dict[str, str]:
-    """The metadata_props of the exported file (`ModelInfo.to_props`)."""
-    return model_info(checkpoint).to_props()
+def describe(checkpoint: dict, net: TLLNet | None = None) -> dict[str, str]:
+    """The metadata_props of the exported file (`ModelInfo.to_props`), with what its maps are
+    where `net` gives them (`exported_outputs`)."""
+    info = model_info(checkpoint)
+    if net is not None and has_maps(net):
+        info = dataclasses.replace(info, maps={
+            "terms": [list(term) for term in net.head.terms()],
+            "attention": [name for name in exported_outputs(net) if name.startswith("attention_")],
+        })
+    return info.to_props()
+
+
+def has_maps(net: TLLNet) -> bool:
+    """Whether the network's head says what its embedding is made of (a trained `Head`; a
+    whitening head does not)."""
+    return isinstance(net.head, Head)
+
+
+def exported_outputs(net: TLLNet) -> list[str]:
+    """The exported file's outputs, by name: the embedding, then `TLLNet.explain`'s maps."""
+    return net.explained_outputs() if has_maps(net) else ["embedding"]
+
+
+class Explained(torch.nn.Module):
+    """`TLLNet.explain` as a tuple, the form the exporter takes, in `exported_outputs` order."""
+
+    def __init__(self, net: TLLNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.net.explain(image).values())
 
 
 def foreign_model(path: Path) -> str | None:
@@ -138,11 +167,13 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
     height, width = checkpoint["caches"][0]["input_size"]
     example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     logger.info("export %s (%s) -> %s", run, describe(checkpoint)["backbone"], out)
+    outputs = exported_outputs(net)
     with atomic_output(out) as tmp:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's own chatter
             program = torch.onnx.export(
-                net, (example,), input_names=["image"], output_names=["embedding"],
+                Explained(net) if has_maps(net) else net, (example,), input_names=["image"],
+                output_names=outputs,
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
                 dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
             )
@@ -151,7 +182,7 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
         if written != opset:  # the exporter falls back quietly where it cannot convert
             raise UserError(f"--opset {opset}: the exporter wrote opset {written} instead; "
                             f"choose one in {OPSETS[0]}..{OPSETS[1]}; not written")
-        for key, value in describe(checkpoint).items():
+        for key, value in describe(checkpoint, net).items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save_model(model, tmp)
@@ -160,21 +191,27 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
 
 
 def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
-    """Run the file in ONNX Runtime (CPU) and eager torch at batch 1 and 7; refuse a mismatch."""
+    """Run the file in ONNX Runtime (CPU) and eager torch at batch 1 and 7, every output (the
+    embedding, and the maps where the file has them); refuse a mismatch."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
     generator = torch.Generator().manual_seed(1)
     for batch in PARITY_BATCHES:
         images = torch.rand(batch, 3, *input_size, generator=generator)
         with torch.no_grad():
-            expected = net(images).numpy()  # (batch, D)
-        got = session.run(["embedding"], {"image": images.numpy()})[0]
-        difference = float(np.abs(got - expected).max())
-        logger.info("parity at batch %d: max abs difference %.2e", batch, difference)
-        if got.shape != expected.shape or not difference <= PARITY_TOLERANCE:
-            raise UserError(f"the exported model disagrees with torch at batch {batch}: max abs "
-                            f"difference {difference:.2e} > {PARITY_TOLERANCE:.0e}; not written")
+            expected = (net.explain(images) if has_maps(net)
+                        else {"embedding": net(images)})  # name -> (batch, ...)
+        got = dict(zip(names, session.run(names, {"image": images.numpy()}), strict=True))
+        for name in expected:
+            difference = float(np.abs(got[name] - expected[name].numpy()).max())
+            logger.info("parity of %s at batch %d: max abs difference %.2e", name, batch,
+                        difference)
+            if got[name].shape != expected[name].shape or not difference <= PARITY_TOLERANCE:
+                raise UserError(f"the exported model disagrees with torch at batch {batch} on "
+                                f"its {name}: max abs difference {difference:.2e} > "
+                                f"{PARITY_TOLERANCE:.0e}; not written")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

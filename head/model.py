@@ -71,10 +71,16 @@ class SpatialAttention(nn.Module):
         # on a 64 x 512 x 7 x 6 batch in either layout, the matrix products ~3 ms, and the
         # multiply broadcasts along contiguous channels
         rows = x.permute(0, 2, 3, 1)  # (B, h, w, C)
+        return (rows * self._weights(rows)).permute(0, 3, 1, 2)  # (B, C, h, w), channels last
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, h, w)
+        """Each position's weight in (0, 1): what the attention multiplies it by."""
+        return self._weights(x.permute(0, 2, 3, 1))[..., 0]
+
+    def _weights(self, rows: torch.Tensor) -> torch.Tensor:  # (B, h, w, C) -> (B, h, w, 1)
         first, last = self.score[0], self.score[2]
         hidden = F.relu(F.linear(rows, first.weight.flatten(1), first.bias))  # (B, h, w, hidden)
-        weights = torch.sigmoid(F.linear(hidden, last.weight.flatten(1), last.bias))  # (B, h, w, 1)
-        return (rows * weights).permute(0, 3, 1, 2)  # (B, C, h, w), channels last
+        return torch.sigmoid(F.linear(hidden, last.weight.flatten(1), last.bias))
 
 
 class ChannelAttention(nn.Module):
@@ -160,15 +166,62 @@ class Head(nn.Module):
                              nn.LayerNorm(channels), nn.GELU())
 
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        # each (B, C_i, h_i, w_i) or (B, D_i), float16 (as cached) or float32. Maps go channels
-        # last, in the same copy that makes them float32: on CPU the batch norm, the adaptive
-        # max-pool (14 ms -> 1 ms on a 64 x 512 x 7 x 6 batch) and the attention are
-        # vectorised over channels in that layout
-        features = [f.to(torch.float32, memory_format=torch.channels_last) if f.dim() == 4
-                    else f.float() for f in features]
-        flat = torch.cat([branch(f) for branch, f in zip(self.branches, features, strict=True)],
+        # each (B, C_i, h_i, w_i) or (B, D_i), float16 (as cached) or float32
+        flat = torch.cat([branch(f) for branch, f in zip(self.branches, _float(features),
+                                                         strict=True)],
                          dim=1)  # (B, sum of branch widths)
         return F.normalize(self.fc(self.dropout(flat)), dim=1)  # (B, D), unit norm
+
+    def terms(self) -> list[tuple[int | None, int | None, int | None]]:
+        """What each of `explain`'s terms is, in order, as (input, row, column): a map input's
+        pool x pool cells row by row, a vector input's one term (row and column None), then the
+        FC's bias (all None)."""
+        cells = [(r, c) for r in range(self.config.pool) for c in range(self.config.pool)]
+        return [term for i, shape in enumerate(self.config.feature_shapes)
+                for term in ([(i, r, c) for r, c in cells] if len(shape) == 3
+                             else [(i, None, None)])] + [(None, None, None)]
+
+    def explain(self, *features: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """What the FC's output is made of (eval mode), for `TLLNet.explain`.
+
+        Returns z (B, D), the FC's output as `forward` computes it before normalising; the terms
+        (B, P, D) that sum to z (P and their order: `terms()`): the FC is linear, so a map cell's
+        term is its C channels (after the final batch norm, which is per feature and so stays in
+        its cell) times their FC weights, a vector input's term is its whole width times its
+        weights, and the last is the FC's bias; and the spatial attention weights (B, h, w) of
+        each map input that has them, in input order.
+        """
+        flats, attentions = [], []
+        for branch, x in zip(self.branches, _float(features), strict=True):
+            for layer in branch:
+                if isinstance(layer, SpatialAttention):
+                    attentions.append(layer.weights(x))  # (B, h, w)
+                x = layer(x)
+            flats.append(x)  # (B, width)
+        z = self.fc(self.dropout(torch.cat(flats, dim=1)))  # (B, D)
+        terms, start, cells = [], 0, self.config.pool ** 2
+        for shape, flat in zip(self.config.feature_shapes, flats, strict=True):
+            weight = self.fc.weight[:, start:start + flat.shape[1]]  # (D, width)
+            start += flat.shape[1]
+            if len(shape) == 3:  # a map's flat index is channel * cells + cell
+                # one matrix product per cell, batched over cells: ONNX Runtime's Einsum took
+                # ~15x longer on the same contraction
+                by_cell = flat.unflatten(1, (-1, cells)).permute(2, 0, 1)  # (cells, B, C)
+                weights = weight.unflatten(1, (-1, cells)).permute(2, 1, 0)  # (cells, C, D)
+                terms.append((by_cell @ weights).permute(1, 0, 2))  # (B, cells, D)
+            else:
+                terms.append((flat @ weight.T)[:, None])  # (B, 1, D)
+        terms.append(torch.zeros_like(z)[:, None] + self.fc.bias)  # (B, 1, D)
+        return z, torch.cat(terms, dim=1), attentions
+
+
+def _float(features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The head's inputs in float32. Maps go channels last, in the same copy: on CPU the batch
+    norm, the adaptive max-pool (14 ms -> 1 ms on a 64 x 512 x 7 x 6 batch) and the attention
+    are vectorised over channels in that layout."""
+    return [f.to(torch.float32, memory_format=torch.channels_last) if f.dim() == 4
+            else f.float() for f in features]
 
 
 class TLLNet(nn.Module):
@@ -179,6 +232,7 @@ class TLLNet(nn.Module):
     which of its outputs); by default each trunk gives one input, in order. With views
     ("identity", "hflip") the image and its left-right flip are embedded and their mean,
     normalised again, is the embedding: the test-time augmentation head.train validates with.
+    `explain` gives, besides the embedding, what it is made of (the error-analysis page's maps).
     """
 
     def __init__(self, trunks: list[nn.Module], head: Head,
@@ -200,8 +254,57 @@ class TLLNet(nn.Module):
         return F.normalize(torch.stack(embeddings).mean(dim=0), dim=1)  # (N, D)
 
     def _embed(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(*self._head_inputs(image))
+
+    def _head_inputs(self, image: torch.Tensor) -> list[torch.Tensor]:
         outputs = [trunk.features(image) for trunk in self.trunks]  # one pass each
-        return self.head(*[outputs[trunk][output] for trunk, output in self.inputs])
+        return [outputs[trunk][output] for trunk, output in self.inputs]
+
+    def explained_outputs(self) -> list[str]:
+        """The names `explain` returns, in order."""
+        config = self.head.config
+        return ["embedding", "cell_embeddings"] + [
+            f"attention_{i}" for i, shape in enumerate(config.feature_shapes)
+            if len(shape) == 3 and config.attention == "spatial"]
+
+    def explain(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The embedding and what it is made of, by the names the exported file gives them
+        (a `Head`'s; `head.export`):
+
+        embedding (N, D): `forward`'s, computed the same way.
+        cell_embeddings (N, P, D), P and their order as `Head.terms()`: they sum to the
+        embedding, so the cosine with any unit vector u is the sum of their dot products with u,
+        term by term. With views, e = mean_v(e_v) / |mean_v(e_v)| and e_v = sum_k t_vk / |z_v|
+        (z_v the view's FC output, t_vk its terms), so term k is
+        sum_v t_vk / (|z_v| V |mean_v(e_v)|), the flipped view's cell (r, c) taken as the
+        image's (r, pool - 1 - c): the cells are in the image's own frame.
+        attention_<i> (N, h, w) for each map input i with spatial attention: its weights, the
+        flipped view's mirrored back, averaged over the views.
+        """
+        terms = self.head.terms()
+        mirrored = [terms.index((i, r, None if c is None else self.head.config.pool - 1 - c))
+                    for i, r, c in terms]  # where each term of a flipped view goes
+        names = self.explained_outputs()[2:]
+        parts, attentions = [], {name: 0 for name in names}
+        for view in self.views:
+            flip = view == "hflip"
+            z, view_terms, view_attentions = self.head.explain(
+                *self._head_inputs(image.flip(-1) if flip else image))  # (N, D), (N, P, D)
+            if flip:
+                view_terms = view_terms[:, mirrored]
+                view_attentions = [a.flip(-1) for a in view_attentions]
+            parts.append((z, view_terms))
+            for name, weights in zip(names, view_attentions, strict=True):
+                attentions[name] = attentions[name] + weights / len(self.views)  # (N, h, w)
+        embeddings = [F.normalize(z, dim=1) for z, _ in parts]  # V x (N, D)
+        mean = embeddings[0] if len(embeddings) == 1 else torch.stack(embeddings).mean(dim=0)
+        # F.normalize's own scale, max(|x|, eps), so that the terms sum to its output
+        scales = [z.norm(dim=1).clamp_min(1e-12) * len(parts) for z, _ in parts]  # V x (N,)
+        mean_scale = mean.norm(dim=1).clamp_min(1e-12) if len(parts) > 1 else 1  # (N,)
+        cells = sum(t / (s * mean_scale)[:, None, None]
+                    for (_, t), s in zip(parts, scales, strict=True))  # (N, P, D)
+        embedding = embeddings[0] if len(embeddings) == 1 else F.normalize(mean, dim=1)
+        return {"embedding": embedding, "cell_embeddings": cells, **attentions}
 
 
 def save_checkpoint(path: Path, head: nn.Module, **description) -> None:

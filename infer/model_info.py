@@ -39,6 +39,10 @@ class ModelInfo:
     split_seed: int | None = None
     val_metrics: dict = field(default_factory=dict)
     best_epoch: int | None = None
+    # what the file's map outputs are (head.export): "terms", each cell_embeddings term as
+    # [input, row, column] (`head.model.Head.terms`), and "attention", the attention outputs'
+    # names; empty for a file without maps (a whitening head, a file from before them)
+    maps: dict = field(default_factory=dict)
 
     @property
     def trunk(self) -> str:
@@ -71,6 +75,7 @@ class ModelInfo:
             "split_seed": str(self.split_seed),
             "val_metrics": json.dumps(self.val_metrics),
             "best_epoch": str(self.best_epoch),
+            "maps": json.dumps(self.maps),
         }
 
     @classmethod
@@ -94,6 +99,7 @@ class ModelInfo:
                 caches=tuple(json.loads(props.get("caches", "[]"))),
                 views=tuple(json.loads(props.get("views", '["identity"]'))),
                 head_config=json.loads(props.get("head_config", "{}")),
+                maps=json.loads(props.get("maps", "{}")),
             )
         except (ValueError, TypeError) as error:  # not JSON, not numbers, not two of them
             raise UserError(f"{path} has damaged metadata ({error}); export it again with "

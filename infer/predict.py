@@ -16,6 +16,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from infer.maps import ImageMaps, image_maps, map_outputs
 from infer.model_info import ModelInfo
 from infer.report import REPORT_TITLE, write_report_page
 from infer.scoring import (
@@ -44,11 +45,13 @@ DEFAULT_OUT = {"test": Path("submission.csv"), "val": Path("val-report.json")}
 
 
 def embed_images(session, paths: list[Path], input_size: tuple[int, int], interpolation: str,
-                 batch_size: int, workers: int = 4) -> np.ndarray:
-    """Unit embeddings (N, D) of `paths`, resized as the model was trained (`load_image` with
-    its input size and interpolation), decoding the next batch while this one runs."""
+                 batch_size: int, workers: int = 4, outputs: tuple[str, ...] = ("embedding",)
+                 ) -> dict[str, np.ndarray]:
+    """The model's `outputs` for `paths` by name, each (N, ...): by default the unit embeddings
+    (N, D) alone. Images are resized as the model was trained (`load_image` with its input size
+    and interpolation), the next batch decoded while this one runs."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    out = []
+    out: list[list[np.ndarray]] = []  # per batch, each output
     with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(1) as prefetch, \
             tqdm(total=len(paths), unit="img", desc="embed", dynamic_ncols=True) as bar:
 
@@ -61,21 +64,26 @@ def embed_images(session, paths: list[Path], input_size: tuple[int, int], interp
             images = pending.result()  # (B, 3, H, W)
             if number + 1 < len(batches):
                 pending = prefetch.submit(decode, batches[number + 1])
-            out.append(session.run(["embedding"], {"image": images})[0])  # (B, D)
+            out.append(session.run(list(outputs), {"image": images}))  # each (B, ...)
             bar.update(len(images))
-    return np.concatenate(out)
+    by_output = zip(*out, strict=True)  # each output's batches
+    return {name: np.concatenate(arrays)
+            for name, arrays in zip(outputs, by_output, strict=True)}
 
 
 def score_candidates(session, info: ModelInfo, images: dict[str, Path], queries: list[Query],
-                     batch_size: int) -> np.ndarray:
-    """Cosine scores (Q, 20) of each query's candidates; each unique image is embedded once."""
+                     batch_size: int, maps: bool = False) -> tuple[np.ndarray, ImageMaps | None]:
+    """Cosine scores (Q, 20) of each query's candidates, and with `maps` every image's maps
+    for the page where the model gives them (else None); each unique image is embedded once."""
     keys = sorted({q.left for q in queries} | {c for q in queries for c in q.candidates})
     row = {key: i for i, key in enumerate(keys)}
     logger.info("%d queries, %d unique images", len(queries), len(keys))
-    embeddings = embed_images(session, [images[k] for k in keys], info.input_size,
-                              info.interpolation, batch_size)
-    return candidate_similarities(embeddings, np.array([row[q.left] for q in queries]),
-                                  np.array([[row[c] for c in q.candidates] for q in queries]))
+    extra = map_outputs(info) if maps else []
+    outputs = embed_images(session, [images[k] for k in keys], info.input_size,
+                           info.interpolation, batch_size, outputs=("embedding", *extra))
+    scores = candidate_similarities(outputs["embedding"], np.array([row[q.left] for q in queries]),
+                                    np.array([[row[c] for c in q.candidates] for q in queries]))
+    return scores, image_maps(info, keys, outputs) if extra else None
 
 
 def candidate_pool(queries: list[Query]) -> tuple[np.ndarray, int]:
@@ -201,7 +209,8 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
                             "metadata (an older tll let it through): pass --assign-temperature "
                             f"(the default is {DEFAULT_TEMPERATURE}), or export a run trained "
                             "with a finite one")
-    scores = score_candidates(session, info, dataset.images, queries, batch_size)  # (Q, 20)
+    scores, maps = score_candidates(session, info, dataset.images, queries, batch_size,
+                                    maps=report is not None)  # (Q, 20)
     if method != "none" and (reason := uninformative(scores)):
         logger.warning("no %s assignment: %s; ranking by plain scores", method, reason)
         method = "none"
@@ -234,7 +243,8 @@ def main(onnx: str | Path, data: str | Path, split: str = "test", out: str | Pat
         summary = {"model": str(onnx), "trunk": info.trunk, "cache": info.caches_text,
                    "data": str(dataset.root),
                    "split": f"{split}, {len(queries)} queries", "assignment": described}
-        write_report_page(report, summary, queries, dataset.images, scores, assigned, truth)
+        write_report_page(report, summary, queries, dataset.images, scores, assigned, truth,
+                          maps)
         logger.info("error-analysis page: %s", report)
     return written
 

@@ -33,8 +33,8 @@ def _fixed_scores(w: World, scores) -> None:
     """infer scores every query with `scores(Q)` (Q, 20) instead of running the model: the rows
     here test what is done with the scores, not the model."""
     w.monkeypatch.setattr(predict, "score_candidates",
-                          lambda session, info, images, queries, batch_size:
-                          scores(len(queries)))
+                          lambda session, info, images, queries, batch_size, maps=False:
+                          (scores(len(queries)), None))
 
 
 def _spread_scores(n_queries: int) -> np.ndarray:

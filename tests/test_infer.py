@@ -210,7 +210,11 @@ def test_val_split_reproduces_training(model: Path, exported_run: Path, train_da
     assert report["assignment"]["metrics"]["top2"] == pytest.approx(
         summary["best"]["top2_assigned"], abs=1 / 60 + 1e-9)
     assert written(tmp_path) == ["report.html", "report.json"]  # the page beside the report
-    assert (tmp_path / "report.html").read_text().count('<div class="q">') == len(queries)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<div class="q" id=') == len(queries)
+    # the model's maps, from the same single pass: every figure has both overlays
+    assert page.count("<figure") == page.count('<canvas class="a">') \
+        == page.count('<canvas class="s">') > 0
 
 
 def read_submission(path: Path) -> tuple[list[str], np.ndarray]:
@@ -272,7 +276,7 @@ def test_submission_with_hungarian(model: Path, train_data: Path, submission: Pa
     assert len(set(chosen)) == len(chosen) == 20
     others = np.arange(20) != first[:, None]
     np.testing.assert_array_equal(lifted[others], plain[others])
-    assert page.read_text().count('<div class="q">') == 20
+    assert page.read_text().count('<div class="q" id=') == 20
     assert written(tmp_path) == ["plain", "submission.csv", "test.html"]
 
 

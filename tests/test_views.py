@@ -143,6 +143,9 @@ def test_export_averages_the_flip_inside_the_graph(flip_run: Path, tmp_path: Pat
     model = export(run)
     props = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     assert json.loads(props["views"]) == ["identity", "hflip"]
+    # the maps, folded over both views, passed the same parity check (tests/test_maps.py)
+    assert [o.name for o in onnx.load(str(model)).graph.output] == \
+        ["embedding", "cell_embeddings", "attention_0"]
     net, _ = build_network(run / "head.pt")
     assert net.views == ("identity", "hflip")
     images = torch.rand(3, 3, *SIZE, generator=torch.Generator().manual_seed(2))
