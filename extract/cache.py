@@ -499,9 +499,12 @@ def _refuse_missing(path: Path, keys: list[str], rows: dict) -> None:
                          f"(e.g. {', '.join(missing[:3])}); was it built from this dataset?")
 
 
-def read_features(path: str | Path, keys: list[str], view: str = "identity") -> np.ndarray:
+def read_features(path: str | Path, keys: list[str], view: str = "identity",
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Features (len(keys), *feature_shape) float16 for `keys`, in their order, of `view` (the
-    image as it is, or "hflip": flipped left to right, in a two-view cache)."""
+    image as it is, or "hflip": flipped left to right, in a two-view cache); written into `out`
+    where given (say one view's slice of a larger array), with at most MERGE_BYTES read at a
+    time beside it."""
     path = Path(path)
     with _open_complete(path) as file:
         if view not in file.attrs.get("views", ["identity"]):
@@ -511,7 +514,8 @@ def read_features(path: str | Path, keys: list[str], view: str = "identity") -> 
         dataset = file[VIEW_DATASETS[view]]
         row_of = {k: i for i, k in enumerate(_strings(file["keys"]))}
         _refuse_missing(path, keys, row_of)
-        features = np.empty((len(keys), *dataset.shape[1:]), dtype=FEATURE_DTYPE)
+        features = np.empty((len(keys), *dataset.shape[1:]), dtype=FEATURE_DTYPE) \
+            if out is None else out
         if not keys:
             return features
         rows = np.array([row_of[k] for k in keys], dtype=np.int64)
@@ -519,10 +523,13 @@ def read_features(path: str | Path, keys: list[str], view: str = "identity") -> 
         sorted_rows = rows[order]
         # read runs of consecutive rows as slices: h5py's fancy indexing is slow on long lists
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        longest = max(1, MERGE_BYTES // (math.prod(dataset.shape[1:]) * dataset.dtype.itemsize))
         try:
             for run in np.split(np.arange(len(sorted_rows)), breaks):
-                first, last = sorted_rows[run[0]], sorted_rows[run[-1]]
-                features[order[run]] = dataset[first:last + 1]
+                for start in range(0, len(run), longest):
+                    part = run[start:start + longest]
+                    first, last = sorted_rows[part[0]], sorted_rows[part[-1]]
+                    features[order[part]] = dataset[first:last + 1]
         except OSError as error:  # a file truncated or damaged after it was finished
             raise CacheError(f"{path} is damaged ({error}); rebuild it with "
                              "`python -m extract ... --overwrite`") from None

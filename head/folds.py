@@ -139,11 +139,20 @@ def load_pairs(caches: list[Path], infos: list[CacheInfo], dataset_path: Path | 
     budget, why = memory_budget(budget, device)
     kept = fits_in_memory(sizes, budget)
     log_memory_plan(caches, sizes, kept, why)
-    features = [torch.from_numpy(np.stack([read_features(cache, keys, view) for view in views],
-                                          axis=1)).to(device)  # (N, V, C, h, w)
-                if in_memory else StreamedFeatures.open(cache, keys, views, device)
-                for cache, in_memory in zip(caches, kept, strict=True)]
+    features = [load_features(cache, info, keys, views).to(device) if in_memory
+                else StreamedFeatures.open(cache, keys, views, device)
+                for cache, info, in_memory in zip(caches, infos, kept, strict=True)]
     return CachedPairs(features, {key: i for i, key in enumerate(keys)}, dataset, views)
+
+
+def load_features(cache: Path, info: CacheInfo, keys: list[str],
+                  views: tuple[str, ...]) -> torch.Tensor:
+    """The features (len(keys), V, *feature_shape) of `keys` in `views`, each view read into its
+    place (no second copy of them all)."""
+    features = np.empty((len(keys), len(views), *info.feature_shape), dtype=info.dtype)
+    for i, view in enumerate(views):
+        read_features(cache, keys, view, out=features[:, i])
+    return torch.from_numpy(features)
 
 
 def make_fold(pairs: CachedPairs, train_pairs: list[tuple[str, str]],

@@ -106,10 +106,11 @@ class ByteSize(click.ParamType):
 
 
 def format_bytes(size: float) -> str:
-    """`size` bytes in words: 11.2 GiB, 480 MiB."""
-    if size >= 1 << 30:
-        return f"{size / (1 << 30):.1f} GiB"
-    return f"{size / (1 << 20):.0f} MiB"
+    """`size` bytes in words: 11.2 GiB, 480 MiB, 56 KiB, 100 B."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if unit == "GiB" else f"{size / scale:.0f} {unit}"
+    return f"{size:.0f} B"
 
 
 @contextlib.contextmanager
