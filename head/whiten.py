@@ -207,7 +207,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
 # head.train's own options (the same types and defaults) for what a whitening run shares with
 # it: the views, the assignment recorded as infer's default, and the validation it is scored on
 WHITEN_OPTIONS = ("flip", "assign", "assign_temperature", "val_fraction", "folds", "split_seed",
-                  "device")
+                  "device", "memory_budget")
 # where head.train's help speaks of training
 WHITEN_HELP = {
     "flip": "With a two-view cache: fit on each image's views averaged, and average both views' "

@@ -4,6 +4,7 @@ a run within its budget with the figures of one in memory."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ from extract.synth import main as make_synthetic
 from head import stream
 from head.folds import load_pairs
 from head.stream import StreamedFeatures, features_bytes, fits_in_memory, read_ahead
+from head.sweep import main as sweep
 from head.sweep import parse_param
 from head.train import main as train
 from tll import ByteSize, UserError, format_bytes
@@ -187,6 +189,23 @@ def test_a_run_that_fits_says_so(small_cache: Path, tmp_path: Path,
     train(small_cache, name="m", runs_dir=tmp_path, epochs=1, device="cpu", val_fraction=0.5,
           memory_budget=1 << 30)
     assert "fit the --memory-budget 1.0 GiB: held in memory" in caplog.text
+
+
+def test_a_sweep_streams_beyond_its_budget_to_the_same_scores(
+        small_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every trial and fold of a sweep share the one reader; the study's scores are those of
+    the sweep held in memory."""
+    caplog.set_level("INFO", logger="tll")
+    scores = {}
+    for mode, budget in (("streamed", 0), ("in-memory", None)):
+        out = sweep(small_cache, trials=2, folds=2, runs_dir=tmp_path / mode, sampler_seed=3,
+                    params=("epochs=2", "batch_size=8"), device="cpu", memory_budget=budget)
+        with open(out / "trials.csv", newline="") as f:
+            scores[mode] = [{k: v for k, v in row.items() if k != "seconds"}
+                            for row in csv.DictReader(f)]
+        assert ("streaming batches from" in caplog.text) == (mode == "streamed")
+        caplog.clear()
+    assert scores["streamed"] == scores["in-memory"]
 
 
 def test_the_memory_budget_is_not_a_sweep_parameter() -> None:
