@@ -77,9 +77,9 @@ def log_memory_plan(caches: list[Path], sizes: list[int], kept: list[bool], budg
     streamed = [f"{c} ({format_bytes(s)})" for c, s, k in zip(caches, sizes, kept, strict=True)
                 if not k]
     held = [f"{c} ({format_bytes(s)})" for c, s, k in zip(caches, sizes, kept, strict=True) if k]
-    logger.info("features %s > %s: streaming batches from %s%s (read ahead in the background; "
-                "as fast as in memory once the file is in the page cache)", total, budget,
-                " and ".join(streamed), f"; {' and '.join(held)} held in memory" if held else "")
+    logger.info("features %s > %s: streaming batches from %s, read ahead in the background%s",
+                total, budget, " and ".join(streamed),
+                f"; {' and '.join(held)} held in memory" if held else "")
 
 
 class _Reader:

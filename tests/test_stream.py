@@ -61,6 +61,12 @@ def random_cache(data: Path, path: Path, shape: tuple[int, ...], seed: int = 0,
     return writer.finish()
 
 
+def epoch_figures(run: Path) -> list[dict]:
+    """Every epoch's record in the run's metrics.jsonl, but for its time."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random 16 x 3 x 3 maps of a synthetic set of 60 pairs (enough for a validation split),
@@ -208,6 +214,27 @@ def test_a_sweep_streams_beyond_its_budget_to_the_same_scores(
     assert scores["streamed"] == scores["in-memory"]
 
 
+def test_fused_maps_and_vectors_streamed_or_not_train_alike(
+        small_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A map cache fused with a vector cache under one budget: all held, the vectors held and
+    the maps streamed, or both streamed; the same figures and weights each time."""
+    data = Path(read_info(small_cache).dataset)
+    vectors = random_cache(data, tmp_path / "vectors.h5", (24,), seed=1)
+    vector_bytes = features_bytes(read_info(vectors), 120, 2)
+    caplog.set_level("INFO", logger="tll")
+    runs = {}
+    for mode, budget in (("held", None), ("mixed", vector_bytes), ("streamed", 0)):
+        runs[mode] = train([small_cache, vectors], name=mode, runs_dir=tmp_path, epochs=2,
+                           batch_size=8, val_fraction=0.5, device="cpu", memory_budget=budget)
+    assert f"vectors.h5 ({format_bytes(vector_bytes)}) held in memory" in caplog.text
+    held = torch.load(runs["held"] / "head.pt", weights_only=True)
+    for mode in ("mixed", "streamed"):
+        assert epoch_figures(runs[mode]) == epoch_figures(runs["held"])
+        other = torch.load(runs[mode] / "head.pt", weights_only=True)
+        assert other["metrics"] == held["metrics"] and other["baseline"] == held["baseline"]
+        assert all(torch.equal(other["state_dict"][k], v) for k, v in held["state_dict"].items())
+
+
 def test_the_memory_budget_is_not_a_sweep_parameter() -> None:
     with pytest.raises(UserError, match="memory_budget is the same for every trial, set by "
                                         "the sweep's own --memory-budget"):
@@ -267,11 +294,7 @@ def test_a_cache_larger_than_the_budget_trains_within_it_to_the_same_figures(
     assert grew["streamed"] <= BUDGET + OVERHEAD, format_bytes(grew["streamed"])
     assert grew["in-memory"] >= size, format_bytes(grew["in-memory"])  # the measure sees them
 
-    def figures(run: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert figures(tmp_path / "streamed") == figures(tmp_path / "in-memory")
+    assert epoch_figures(tmp_path / "streamed") == epoch_figures(tmp_path / "in-memory")
     streamed, held = (torch.load(tmp_path / name / "head.pt", weights_only=True)
                       for name in ("streamed", "in-memory"))
     assert streamed["baseline"] == held["baseline"]
