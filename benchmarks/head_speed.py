@@ -12,7 +12,15 @@ round by round; medians are reported.
 Targets on the 2-core CPU: cached <= 0.5 s/epoch (VGG16), <= 2 s/epoch (ResNet50), and
 end-to-end / cached >= 1000.
 
+`--stream-cache PATH` (repeatable) times instead, on that real cache, the epoch streamed from
+the file (head.stream: what head.train does beyond --memory-budget) against the epoch held in
+memory, in the same rounds: with the file in the page cache (read whole, untimed, before the
+epoch) and out of it (its pages evicted with posix_fadvise DONTNEED, which needs no root, before
+the epoch), and cold with the read-ahead patched out (what the background thread buys).
+Target: streamed warm / in memory <= 1.5.
+
     python benchmarks/head_speed.py [--data DIR] [--quick] [--profile] [--what-if]
+    python benchmarks/head_speed.py --stream-cache CACHE [--stream-cache CACHE ...]
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 from pathlib import Path
 
 import click
@@ -30,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from compare_configs import SWEEP_HEAD
 
+import head.train as head_train
 from extract.backbones import PINNED, Trunk, TrunkSpec
 from extract.cache import read_info
 from head.config import TrainConfig, head_config_for
@@ -45,6 +55,7 @@ SHAPES = {"vgg16": (512, 7, 6), "resnet50": (2048, 8, 7)}  # at 245 x 200
 TARGET_SECONDS = {"vgg16": 0.5, "resnet50": 2.0}
 TARGET_RATIO = 1000.0
 TRUNK_CHUNK = 32  # images per trunk forward in the end-to-end step (bounds its memory)
+TARGET_STREAMED = 1.5  # streamed (page cache warm) / in memory
 
 
 def split_from(features: torch.Tensor, left: np.ndarray, right: np.ndarray) -> Fold:
@@ -220,6 +231,82 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
     return rows
 
 
+def read_whole(path: Path) -> float:
+    """Read the file through the page cache; returns the seconds it took."""
+    with common.Timer() as timer, open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+    return timer.seconds
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (no root needed: posix_fadvise DONTNEED)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def stream_bench(cache: Path, data: Path | None, rounds: int) -> list[list]:
+    """Epochs of the first PAIRS pairs streamed from `cache` (warm, cold) against in memory."""
+    info = read_info(cache)
+    config = TrainConfig(caches=(str(cache),), name="bench")  # the defaults
+    splits = {}
+    for mode, budget in (("in memory", 1 << 60), ("streamed", 0)):
+        pairs = load_pairs([cache], [info], data, torch.device("cpu"), budget)
+        splits[mode] = make_fold(pairs, pairs.dataset.train_pairs[:PAIRS], [])
+    size = cache.stat().st_size
+    evict(cache)
+    cold_read = read_whole(cache)
+    warm_read = read_whole(cache)
+    click.echo(f"{cache}: {info.backbone} {info.layer} {info.feature_shape} x "
+               f"{len(info.views)} views, {size / 2 ** 30:.2f} GiB; reading it whole took "
+               f"{cold_read:.2f} s evicted ({size / cold_read / 2 ** 20:.0f} MiB/s), "
+               f"{warm_read:.2f} s in the page cache; {len(splits['streamed'].train_left)} "
+               f"pairs, batch {config.batch_size}; {rounds} rounds")
+    memory = cached_measure(splits["in memory"], info.feature_shape, config)
+    streamed = cached_measure(splits["streamed"], info.feature_shape, config)
+    cold = cached_measure(splits["streamed"], info.feature_shape, config)
+    unannounced = cached_measure(splits["streamed"], info.feature_shape, config)
+
+    def warm_epoch() -> float:
+        read_whole(cache)
+        return streamed()
+
+    def cold_epoch() -> float:
+        evict(cache)
+        return cold()
+
+    def no_read_ahead() -> float:
+        """What the background thread buys from disk: every batch read when the loop asks."""
+        evict(cache)
+        announce, head_train.read_ahead = head_train.read_ahead, lambda *_: None
+        try:
+            return unannounced()
+        finally:
+            head_train.read_ahead = announce
+
+    measures = {"in memory": memory, "streamed, warm": warm_epoch, "streamed, cold": cold_epoch,
+                "streamed, cold, no read-ahead": no_read_ahead}
+    for measure in measures.values():
+        measure()  # warm-up epoch
+    results = common.interleave(measures, rounds, log=click.echo)
+    warm_ratios = [s / m for m, s in zip(results["in memory"], results["streamed, warm"],
+                                         strict=True)]
+    cold_ratios = [s / m for m, s in zip(results["in memory"], results["streamed, cold"],
+                                         strict=True)]
+    plain_ratios = [s / m for m, s in zip(results["in memory"],
+                                          results["streamed, cold, no read-ahead"], strict=True)]
+    ratio = common.median(warm_ratios)
+    return [[f"{info.backbone} {info.layer}", f"{size / 2 ** 30:.2f}",
+             common.median(results["in memory"]), common.spread(results["in memory"]),
+             common.median(results["streamed, warm"]), ratio,
+             common.verdict(ratio, TARGET_STREAMED, at_least=False),
+             common.median(results["streamed, cold"]), common.median(cold_ratios),
+             common.median(plain_ratios)]]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data", type=click.Path(path_type=Path, file_okay=False, exists=True),
               default=None, help="Dataset a real cache was built from [default: the one its "
@@ -241,15 +328,31 @@ def bench(backbone: str, cache: Path | None, data: Path | None, rounds: int, e2e
               help="Also race cached epochs with the head as it was before issue 21 (NCHW maps, "
               "the attention as convolutions; patched in this process only) and/or on 1 "
               "thread.")
+@click.option("--stream-cache", "stream_caches", multiple=True,
+              type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Instead: time epochs streamed from this real cache (page cache warm and "
+              "cold) against epochs in memory (target: warm / in memory <= 1.5).")
 def cli(data: Path | None, quick: bool, backbones: tuple[str, ...], cache_dir: Path,
         synthetic: bool, rounds: int | None, threads: int | None, profile: bool,
-        what_ifs: bool) -> None:
+        what_ifs: bool, stream_caches: tuple[Path, ...]) -> None:
     """Head training s/epoch on cached features vs through the trunk (targets: <= 0.5 s VGG16,
-    <= 2 s ResNet50, ratio >= 1000)."""
+    <= 2 s ResNet50, ratio >= 1000), or streamed from a cache vs in memory (<= 1.5)."""
     common.set_threads(threads)
     rounds = rounds or (2 if quick else 3)
     e2e_pairs = 16 if quick else TrainConfig.batch_size
     click.echo(common.environment())
+    if stream_caches:
+        rows = [row for cache in stream_caches for row in stream_bench(cache, data, rounds)]
+        click.echo()
+        click.echo(common.table(
+            ["cache", "GiB", "in memory s/epoch", "(range)", "streamed warm s/epoch", "ratio",
+             f"target <= {TARGET_STREAMED:g}", "streamed cold s/epoch", "ratio",
+             "cold, no read-ahead: ratio"], rows))
+        click.echo(f"epoch = {PAIRS} pairs, default TrainConfig; ratio: median over rounds of "
+                   "streamed / in memory, timed in the same rounds; warm: the file read whole "
+                   "before the epoch, cold: its pages evicted before the epoch; no read-ahead: "
+                   "cold, each batch read when asked for (head.train.read_ahead patched out)")
+        return
     rows = []
     for backbone in backbones:
         cache = None if synthetic else \

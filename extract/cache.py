@@ -5,8 +5,9 @@ Schema (version 4)::
 
     /keys            (N,)          utf-8 str  "split/side/id" of every image, sorted: row order
     /features        (N, C, h, w)  float16    the trunk's feature map of each image, contiguous
-                     or (N, D)                (fast fancy-index and slice reads); or its vector
-                                              (a global embedding, `--layer global`)
+                     or (N, D)                (fast fancy-index and slice reads; one row, one
+                                              read); or its vector (a global embedding,
+                                              `--layer global`)
     /features_hflip  like features            only in a two-view cache (`extract --hflip`): the
                                               features of each image flipped left to right
     /done            (N,)          uint8      1 once a row's features are written (resume)
@@ -20,6 +21,14 @@ Schema (version 4)::
     or autocast to bfloat16 on a CPU or float16 on CUDA), dtype (what the rows are stored in),
     torch_version, torchvision_version, timm_version, dataset (absolute path),
     dataset_fingerprint (sha256 of keys and image contents), complete.
+
+Every cache tll has written stores its features contiguous (not chunked): row i of a view is
+the bytes at a fixed offset, so `FeatureRows` reads a row where training needs it with one
+positional read (`os.preadv`, which releases the GIL; ten times h5py's fancy indexing on
+64 scattered 229 KB rows) and no chunk cache is involved. A view is its own dataset because a
+training step needs one view of each image (drawn per image), validation both: one read per
+row and view either way. A cache rewritten chunked (say by h5repack) is read through h5py
+instead, with a chunk cache sized for a batch, slower.
 
 Schema 3 is schema 4 without precision; schema 2 is schema 3 without interpolation,
 timm_version and views, and maps only: they read as bilinear, one view and precision
@@ -56,6 +65,8 @@ import math
 import os
 import re
 import shutil
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,9 +499,12 @@ def _refuse_missing(path: Path, keys: list[str], rows: dict) -> None:
                          f"(e.g. {', '.join(missing[:3])}); was it built from this dataset?")
 
 
-def read_features(path: str | Path, keys: list[str], view: str = "identity") -> np.ndarray:
+def read_features(path: str | Path, keys: list[str], view: str = "identity",
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Features (len(keys), *feature_shape) float16 for `keys`, in their order, of `view` (the
-    image as it is, or "hflip": flipped left to right, in a two-view cache)."""
+    image as it is, or "hflip": flipped left to right, in a two-view cache); written into `out`
+    where given (say one view's slice of a larger array), with at most MERGE_BYTES read at a
+    time beside it."""
     path = Path(path)
     with _open_complete(path) as file:
         if view not in file.attrs.get("views", ["identity"]):
@@ -500,7 +514,8 @@ def read_features(path: str | Path, keys: list[str], view: str = "identity") -> 
         dataset = file[VIEW_DATASETS[view]]
         row_of = {k: i for i, k in enumerate(_strings(file["keys"]))}
         _refuse_missing(path, keys, row_of)
-        features = np.empty((len(keys), *dataset.shape[1:]), dtype=FEATURE_DTYPE)
+        features = np.empty((len(keys), *dataset.shape[1:]), dtype=FEATURE_DTYPE) \
+            if out is None else out
         if not keys:
             return features
         rows = np.array([row_of[k] for k in keys], dtype=np.int64)
@@ -508,10 +523,13 @@ def read_features(path: str | Path, keys: list[str], view: str = "identity") -> 
         sorted_rows = rows[order]
         # read runs of consecutive rows as slices: h5py's fancy indexing is slow on long lists
         breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        longest = max(1, MERGE_BYTES // (math.prod(dataset.shape[1:]) * dataset.dtype.itemsize))
         try:
             for run in np.split(np.arange(len(sorted_rows)), breaks):
-                first, last = sorted_rows[run[0]], sorted_rows[run[-1]]
-                features[order[run]] = dataset[first:last + 1]
+                for start in range(0, len(run), longest):
+                    part = run[start:start + longest]
+                    first, last = sorted_rows[part[0]], sorted_rows[part[-1]]
+                    features[order[part]] = dataset[first:last + 1]
         except OSError as error:  # a file truncated or damaged after it was finished
             raise CacheError(f"{path} is damaged ({error}); rebuild it with "
                              "`python -m extract ... --overwrite`") from None
@@ -532,3 +550,84 @@ def _open_complete(path: Path, check_name: bool = True) -> h5py.File:
         file.close()
         raise
     return file
+
+
+# room for this many bytes of chunks in the chunk cache of a chunked cache read row by row
+# (h5py's default, 1 MiB, holds fewer than five 229 KB ResNet50 rows)
+CHUNK_CACHE_BYTES = 64 << 20
+
+
+class FeatureRows:
+    """The features of `keys` (in their order) in each of `views` of a complete cache, read on
+    demand and never loaded whole: `read(positions, view)` gives (n, *feature_shape) float16
+    for positions into `keys`, in any order, repeats allowed. What head training streams from
+    when the features do not fit in memory (head.stream).
+
+    Safe to call from several threads at once: a contiguous view (every cache tll writes) is
+    read a row at a time with positional reads on one descriptor, which share no file position
+    and release the GIL; a chunked one through h5py, each thread opening its own handle with a
+    chunk cache of CHUNK_CACHE_BYTES."""
+
+    def __init__(self, path: str | Path, keys: list[str], views: tuple[str, ...]):
+        self.path = Path(path)
+        with _open_complete(self.path) as file:
+            held = tuple(file.attrs.get("views", ["identity"]))
+            if set(views) - set(held):
+                raise CacheError(f"{self.path} holds no {' or '.join(set(views) - set(held))} "
+                                 f"view (it holds {', '.join(held)})")
+            row_of = {k: i for i, k in enumerate(_strings(file["keys"]))}
+            _refuse_missing(self.path, keys, row_of)
+            self.rows = np.array([row_of[k] for k in keys], dtype=np.int64)  # (len(keys),)
+            self.feature_shape = tuple(file["features"].shape[1:])
+            self.row_bytes = math.prod(self.feature_shape) * np.dtype(FEATURE_DTYPE).itemsize
+            # where each view's rows start in the file; None: read through h5py
+            self._offsets = {view: _contiguous_offset(file[VIEW_DATASETS[view]], self.path)
+                             for view in views}
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._closed = weakref.finalize(self, os.close, self._fd)
+        self._handles = threading.local()  # a chunked view's h5py file, one per thread
+
+    def read(self, positions: np.ndarray, view: str = "identity") -> np.ndarray:
+        """Features (len(positions), *feature_shape) float16 of keys[positions] in `view`."""
+        rows = self.rows[positions]  # (n,) rows of the file
+        out = np.empty((len(rows), *self.feature_shape), dtype=FEATURE_DTYPE)
+        offset = self._offsets[view]
+        try:
+            if offset is not None:
+                flat = out.reshape(len(rows), self.row_bytes // out.itemsize).view(np.uint8)
+                for i, row in enumerate(rows):
+                    if os.preadv(self._fd, [flat[i]], offset + int(row) * self.row_bytes) \
+                            != self.row_bytes:
+                        raise OSError(f"row {row} ends early")
+            elif len(rows):
+                # h5py reads ascending unique indices only: read those, then put them in order
+                unique, where = np.unique(rows, return_inverse=True)
+                out[...] = self._dataset(view)[unique][where]
+        except OSError as error:  # a file truncated or damaged after it was finished
+            raise CacheError(f"{self.path} is damaged ({error}); rebuild it with "
+                             "`python -m extract ... --overwrite`") from None
+        return out
+
+    def _dataset(self, view: str) -> h5py.Dataset:
+        file = getattr(self._handles, "file", None)
+        if file is None:
+            file = self._handles.file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        return file[VIEW_DATASETS[view]]
+
+    def close(self) -> None:
+        self._closed()
+
+
+def _contiguous_offset(dataset: h5py.Dataset, path: Path) -> int | None:
+    """Where a contiguous float16 dataset's first row starts in the file, checked by reading
+    that row both ways; None for any other layout (chunked, filtered, external)."""
+    plist = dataset.id.get_create_plist()
+    offset = dataset.id.get_offset()
+    if (plist.get_layout() != h5py.h5d.CONTIGUOUS or offset is None
+            or plist.get_external_count() or not hasattr(os, "preadv")
+            or dataset.dtype != np.dtype(FEATURE_DTYPE).newbyteorder("<")):
+        return None
+    first = dataset[0]
+    with open(path, "rb") as raw:
+        raw.seek(offset)
+        return offset if raw.read(first.nbytes) == first.tobytes() else None

@@ -20,7 +20,7 @@ import click
 from head.loss import LOSSES, NEGATIVES
 from head.model import ATTENTIONS, HeadConfig
 from infer.scoring import ASSIGN_METHODS, DEFAULT_ASSIGN, DEFAULT_TEMPERATURE
-from tll import FiniteFloat, UserError
+from tll import ByteSize, FiniteFloat, UserError
 from tll.files import check_output
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -58,6 +58,9 @@ class TrainConfig:
     split_seed: int = 0  # draws the validation split or the folds
     seed: int = 0  # draws the initialisation and the batch order
     device: str = "auto"
+    # bytes of train features held in memory on the device, beyond which a cache is streamed
+    # (head.stream); None: a share of the memory available. Never changes the figures
+    memory_budget: int | None = None
 
 
 def check_config(config: TrainConfig) -> None:
@@ -198,6 +201,11 @@ TRAIN_OPTIONS: dict[str, click.Option] = {option.name: option for option in [
                  help="Draws the initialisation and the batch order."),
     click.Option(["--device"], type=click.Choice(["auto", "cuda", "cpu"]),
                  default=_defaults["device"]),
+    click.Option(["--memory-budget"], type=ByteSize(), default=_defaults["memory_budget"],
+                 help="Memory the train images' features may take on the device (e.g. 4GiB, "
+                      "500MB); caches beyond it are streamed from the file batch by batch, "
+                      "with the same figures [default: 60% of the memory available: RAM, or "
+                      "the GPU's free memory]."),
 ]}
 
 

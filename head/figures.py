@@ -13,6 +13,7 @@ import torch
 
 from head.config import TrainConfig
 from head.folds import Fold, views_used
+from head.stream import pooling_blocks
 from infer.scoring import (
     DEFAULT_TEMPERATURE,
     assign,
@@ -81,8 +82,10 @@ def frozen_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
     normalize = torch.nn.functional.normalize
     pooled = []
     for features in fold.features:
-        x = features[fold.val_images].float()  # (M, V, C, ...)
-        pooled.append(normalize(x.mean(dim=[d for d in range(x.ndim) if d not in (0, 2)]),
-                                dim=1))  # (M, C)
+        means = []
+        for rows in pooling_blocks(fold.val_images, [features]):
+            x = features[rows].float()  # (b, V, C, ...)
+            means.append(x.mean(dim=[d for d in range(x.ndim) if d not in (0, 2)]))  # (b, C)
+        pooled.append(normalize(torch.cat(means), dim=1))  # (M, C)
     return evaluate(normalize(torch.cat(pooled, dim=1), dim=1).cpu().numpy(), fold,
                     config.assign, config.assign_temperature)

@@ -2,9 +2,11 @@
 
 The train images' features (maps or vectors) are loaded once into one tensor per cache (on the
 GPU when training there) and batches are gathered from it by index: a `Fold` is rows of that
-tensor, never a copy. `prepare` is what every training of some caches starts with (head.train,
-head.sweep for all its trials, the benchmarks): their metadata, checked to fuse, the pairs,
-checked to be of these very images, and the folds.
+tensor, never a copy. A cache whose features do not fit the memory budget is streamed from the
+file instead (`head.stream.StreamedFeatures`, indexed alike; the same figures). `prepare` is
+what every training of some caches starts with (head.train, head.sweep for all its trials, the
+benchmarks): their metadata, checked to fuse, the pairs, checked to be of these very images,
+and the folds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import torch
 from extract.cache import CacheInfo, read_features, read_image_digests, read_info
 from head.config import TrainConfig, head_config_for
 from head.model import HeadConfig
+from head.stream import (
+    StreamedFeatures,
+    features_bytes,
+    fits_in_memory,
+    log_memory_plan,
+    memory_budget,
+)
 from tll import UserError, logger
 from tll.data import N_CANDIDATES, Dataset, Query, fold_splits, read_dataset, validation_split
 
@@ -31,8 +40,8 @@ class CachedPairs:
     """Every train image's feature map in memory, once per process (a sweep's trials and folds
     share it), and where each image's row is."""
 
-    features: list[torch.Tensor]  # per cache (N, V, C, h, w) or (N, V, D) float16: each image's
-    #                               views
+    features: list[torch.Tensor | StreamedFeatures]  # per cache (N, V, C, h, w) or (N, V, D)
+    #                               float16: each image's views, in memory or streamed
     row: dict[str, int]  # key -> row of each of `features`
     dataset: Dataset
     views: tuple[str, ...]  # what the V views are: ("identity",) or ("identity", "hflip")
@@ -42,7 +51,8 @@ class CachedPairs:
 class Fold:
     """One way of holding out validation pairs: training pairs and queries as row indices."""
 
-    features: list[torch.Tensor]  # CachedPairs.features (N, V, C, h, w) each, shared, not copied
+    features: list[torch.Tensor | StreamedFeatures]  # CachedPairs.features (N, V, C, h, w)
+    #                                                  each, shared, not copied
     train_left: torch.Tensor  # (P,) rows of each training pair's left
     train_right: torch.Tensor  # (P,) rows of its right
     val_images: torch.Tensor  # (M,) rows of every image the validation queries use
@@ -69,10 +79,12 @@ def prepare(caches: list[Path], config: TrainConfig, data: str | Path | None = N
             device: torch.device | str = "cpu",
             infos: list[CacheInfo] | None = None) -> Prepared:
     """The caches' metadata (`infos`, if already read by `read_caches`), their train images on
-    `device` (from the dataset `data`, by default the one the first cache was built from), and
-    the folds of `config` (its --folds, or its --val-fraction split)."""
+    `device` (from the dataset `data`, by default the one the first cache was built from; in
+    memory or streamed, by config.memory_budget), and the folds of `config` (its --folds, or its
+    --val-fraction split)."""
     infos = infos if infos is not None else read_caches(caches)
-    pairs = load_pairs(caches, infos, Path(data) if data else None, device)
+    pairs = load_pairs(caches, infos, Path(data) if data else None, device,
+                       config.memory_budget)
     return Prepared(infos, pairs, validation_folds(pairs, config))
 
 
@@ -95,9 +107,11 @@ def read_caches(caches: list[Path]) -> list[CacheInfo]:
 
 
 def load_pairs(caches: list[Path], infos: list[CacheInfo], dataset_path: Path | None,
-               device: torch.device | str) -> CachedPairs:
+               device: torch.device | str, budget: int | None = None) -> CachedPairs:
     """The train images' features from every cache, in every view they all hold, checked to be
-    of these very images (their sha256)."""
+    of these very images (their sha256): in memory on `device` for as many caches as fit
+    `budget` bytes (by default a share of the memory available there), the smallest first;
+    streamed from the file for the others."""
     dataset = read_dataset(dataset_path or infos[0].dataset)
     keys = sorted({f"train/left/{left}" for left, _ in dataset.train_pairs}
                   | {f"train/right/{right}" for _, right in dataset.train_pairs})
@@ -120,10 +134,25 @@ def load_pairs(caches: list[Path], infos: list[CacheInfo], dataset_path: Path | 
                     "head sees the same view of an image (rebuild %s with `python -m extract "
                     "--hflip` to use it)", "/".join(unused), " and ".join(having),
                     " and ".join(lacking), " and ".join(lacking))
-    features = [torch.from_numpy(np.stack([read_features(cache, keys, view) for view in views],
-                                          axis=1)).to(device)  # (N, V, C, h, w)
-                for cache in caches]
+    device = torch.device(device)
+    sizes = [features_bytes(info, len(keys), len(views)) for info in infos]
+    budget, why = memory_budget(budget, device)
+    kept = fits_in_memory(sizes, budget)
+    log_memory_plan(caches, sizes, kept, why)
+    features = [load_features(cache, info, keys, views).to(device) if in_memory
+                else StreamedFeatures.open(cache, keys, views, device)
+                for cache, info, in_memory in zip(caches, infos, kept, strict=True)]
     return CachedPairs(features, {key: i for i, key in enumerate(keys)}, dataset, views)
+
+
+def load_features(cache: Path, info: CacheInfo, keys: list[str],
+                  views: tuple[str, ...]) -> torch.Tensor:
+    """The features (len(keys), V, *feature_shape) of `keys` in `views`, each view read into its
+    place (no second copy of them all)."""
+    features = np.empty((len(keys), len(views), *info.feature_shape), dtype=info.dtype)
+    for i, view in enumerate(views):
+        read_features(cache, keys, view, out=features[:, i])
+    return torch.from_numpy(features)
 
 
 def make_fold(pairs: CachedPairs, train_pairs: list[tuple[str, str]],

@@ -7,7 +7,8 @@ one database URL (PostgreSQL or MySQL, which Optuna supports), run one study tog
 Optuna's own distributed mode; there is no scheduler of ours.
 
 The cache is loaded once per process and its folds are built once: every trial trains on the
-same tensor (`head.train.cross_validate`). Each trial samples a config from SEARCH_SPACE
+same tensor (`head.train.cross_validate`), or, beyond `--memory-budget`, streams from the same
+reader of the file (head.stream). Each trial samples a config from SEARCH_SPACE
 (narrowed with `--param`, every value checked against head.train's own options before the study
 opens; the space is recorded with the study, which refuses another), reports each epoch's mean
 validation top-2 (after the assignment, unless `--assign none`) to TPE and the median pruner,
@@ -106,7 +107,7 @@ USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "inf
 # resumed with other values is refused), never by --param
 STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature", "patience")
 # held fixed for every trial besides: val_fraction is unused with folds
-FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "val_fraction")
+FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "memory_budget", "val_fraction")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in FIXED_FIELDS}
 
@@ -182,7 +183,7 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
          assign: str = TrainConfig.assign,
          assign_temperature: float = TrainConfig.assign_temperature, split_seed: int = 0,
          seed: int = 0, sampler_seed: int | None = None, device: str = "auto",
-         patience: int = DEFAULT_PATIENCE) -> Path:
+         memory_budget: int | None = None, patience: int = DEFAULT_PATIENCE) -> Path:
     """Run `trials` more trials of the study (created or resumed) on `cache` (or a list of
     caches, fused); returns its output folder."""
     caches = [Path(c) for c in ([cache] if isinstance(cache, str | Path) else cache)]
@@ -193,7 +194,8 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     check_output(out, "sweep folder", folder=True)
     fixed = dict(caches=tuple(map(str, caches)), name=study_name, folds=folds,
                  split_seed=split_seed, seed=seed, assign=assign,
-                 assign_temperature=assign_temperature, device=device, patience=patience)
+                 assign_temperature=assign_temperature, device=device,
+                 memory_budget=memory_budget, patience=patience)
     check_config(TrainConfig(**fixed))
     if folds < 2:
         raise UserError(f"--folds {folds}: a sweep scores each trial by cross-validation, "
@@ -490,11 +492,17 @@ def _plot(study: optuna.Study, work: Path) -> None:
               help="Seeds TPE's sampling (one process only: workers with one seed would "
                    "sample alike).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto")
+@click.option("--memory-budget", type=TRAIN_OPTIONS["memory_budget"].type, default=None,
+              help=TRAIN_OPTIONS["memory_budget"].help.replace(" [default", "; every trial "
+                                                                "and fold share one reader "
+                                                                "[default"))
 def cli(**options) -> None:
     """Search head and training settings with Optuna (TPE, median pruning), each trial scored
     by k-fold cross-validation; rerun to add trials to the study."""
     with user_errors(interrupted="interrupted; the study keeps every finished trial: rerun "
-                                 "the same command to go on"):
+                                 "the same command to go on",
+                     out_of_memory="lower --memory-budget (features beyond it are streamed "
+                                   "from the cache) or the --param batch_size values, and rerun"):
         out = main(**options)
     click.echo(out)
 

@@ -1,7 +1,8 @@
 """`python -m head.train`: train the head on a feature cache, in seconds.
 
 The train images' features (maps or vectors) are loaded once into one tensor per cache (on the
-GPU when training there) and batches are gathered from it by index (`head.folds`);
+GPU when training there) and batches are gathered from it by index (`head.folds`), or, for a
+cache beyond `--memory-budget`, read from the file as they are needed (`head.stream`);
 `python -m head.sweep` loads them once for all its trials and folds. Validation is laid out like
 the Kaggle test, in one of two ways:
 
@@ -58,6 +59,7 @@ from head.report import (
     validated_on,
     write_summary,
 )
+from head.stream import read_ahead
 from head.whiten import whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device, training_autocast
@@ -72,6 +74,8 @@ def embed(head: Head, features: list[torch.Tensor], rows: torch.Tensor,
     as the exported model does it)."""
     head.eval()
     out = []
+    read_ahead(features, lambda: (rows[i:i + batch_size]
+                                  for i in range(0, len(rows), batch_size)))
     for i in range(0, len(rows), batch_size):
         blocks = [f[rows[i:i + batch_size]].float() for f in features]  # each (b, V, C, h, w)
         views = torch.stack([head(*[block[:, v] for block in blocks])
@@ -103,6 +107,11 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
         sizes = [len(b) for b in batches]
         drawn = torch.cat([torch.randint(views, (2, n), generator=generator) for n in sizes],
                           dim=1).to(device).split(sizes, dim=1)  # each (2, B)
+    # a streamed cache (head.stream) reads the batches in this order ahead of the loop
+    read_ahead(fold.features, lambda: (key for batch, (left, right) in zip(batches, drawn,
+                                                                           strict=True)
+                                       for key in ((fold.train_left[batch], left),
+                                                   (fold.train_right[batch], right))))
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not progress)
     for number, (batch, (left_view, right_view)) in enumerate(zip(bar, drawn, strict=True),
@@ -313,7 +322,9 @@ def cli(context: click.Context, **options) -> None:
     InfoNCE)."""
     refuse_val_fraction_with_folds(context, options)
     with user_errors(interrupted="interrupted; no run folder was written (training does not "
-                                 "resume: rerun to train again)"):
+                                 "resume: rerun to train again)",
+                     out_of_memory="lower --memory-budget (features beyond it are streamed "
+                                   "from the cache) or --batch-size, and rerun"):
         run = main(**options)
     click.echo(run)
 

@@ -44,12 +44,12 @@ from head.figures import evaluate, summarize
 from head.folds import Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.model import save_checkpoint
 from head.report import validated_on
+from head.stream import pooling_blocks
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device
 from tll.files import atomic_output
 
 DEFAULT_COMPONENTS = 64  # the issue's measurement (VGG16, random init): 0.22 -> 0.31 top-2
-POOL_BATCH = 256  # images pooled at a time: a whole float32 cache need not fit in memory
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ def pool(features: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tenso
 @torch.no_grad()
 def pooled_views(features: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """`pool` of every view of `rows` of each cache's features (N, V, C, ...): (len(rows), V, W)
-    float32, pooled a block of rows at a time."""
+    float32, pooled a block of rows at a time (`pooling_blocks`)."""
     views = features[0].shape[1]
     out = []
-    for i in range(0, len(rows), POOL_BATCH):
-        blocks = [f[rows[i:i + POOL_BATCH]].float() for f in features]  # each (b, V, C, ...)
+    for block_rows in pooling_blocks(rows, features):
+        blocks = [f[block_rows].float() for f in features]  # each (b, V, C, ...)
         out.append(torch.stack([pool([block[:, v] for block in blocks]) for v in range(views)],
                                dim=1))  # (b, V, W)
     return torch.cat(out)
@@ -207,7 +207,7 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
 # head.train's own options (the same types and defaults) for what a whitening run shares with
 # it: the views, the assignment recorded as infer's default, and the validation it is scored on
 WHITEN_OPTIONS = ("flip", "assign", "assign_temperature", "val_fraction", "folds", "split_seed",
-                  "device")
+                  "device", "memory_budget")
 # where head.train's help speaks of training
 WHITEN_HELP = {
     "flip": "With a two-view cache: fit on each image's views averaged, and average both views' "

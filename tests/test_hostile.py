@@ -141,6 +141,10 @@ def lr_overflowing(w: World) -> list:
     return _train(w, "--name", "x", "--lr", "1e39")
 
 
+def memory_budget_without_a_unit(w: World) -> list:
+    return _train(w, "--name", "x", "--memory-budget", "4 lots")
+
+
 def lr_that_collapses(w: World) -> list:
     # the default head collapses at lr 1: every embedding one point (with InfoNCE, a features
     # layer and dropout it trains on)
@@ -500,6 +504,8 @@ CASES: dict[str, Case] = {
                                     ("1 training pair(s) left", "--val-fraction")),
     "train --lr 1e6": Case(lr_far_too_high, 2, ("--lr", "0<x<=1.0")),
     "train --lr 1e39": Case(lr_overflowing, 2, ("--lr", "0<x<=1.0")),
+    "train --memory-budget 4 lots": Case(memory_budget_without_a_unit, 2,
+                                         ("--memory-budget", "'4 lots' is not a size", "4GiB")),
     "train --lr 1 collapses": Case(lr_that_collapses, 1, ("head collapsed", "lower --lr")),
     "extract second writer": Case(second_writer, 1,
                                   ("{tmp}/cache/r50.h5 is being written by another process",

@@ -220,7 +220,7 @@ CASES: dict[str, Case] = {
                                    "resumes")),
     "train out of memory": Case(train_out_of_memory, 1,
                                 ("out of memory", "DefaultCPUAllocator",
-                                 "lower --batch-size")),
+                                 "lower --memory-budget", "or --batch-size")),
 }
 
 

@@ -11,6 +11,7 @@ import contextlib
 import importlib.metadata
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -80,6 +81,36 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number; give one in {self._describe_range()}.",
                       param, ctx)
         return super().convert(number, param, ctx)
+
+
+# the units a size takes (any case): a bare letter is binary, as in `ulimit` and docker
+BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 20,
+              "mb": 10 ** 6, "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30,
+              "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A number of bytes written with a unit: 4GiB, 500MB, 1.5G (G: GiB), 1000000 (bytes)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([a-z]*)\s*", str(value), re.IGNORECASE)
+        unit = BYTE_UNITS.get(match[2].lower()) if match else None
+        if unit is None:
+            self.fail(f"{value!r} is not a size: give a number and a unit, e.g. 4GiB, 500MB or "
+                      "8G (G, M, K: binary units)", param, ctx)
+        return int(float(match[1]) * unit)
+
+
+def format_bytes(size: float) -> str:
+    """`size` bytes in words: 11.2 GiB, 480 MiB, 56 KiB, 100 B."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if unit == "GiB" else f"{size / scale:.0f} {unit}"
+    return f"{size:.0f} B"
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
-"""The torch device a command runs on, and the precision it computes in."""
+"""The torch device a command runs on, the precision it computes in, and the memory it has
+free."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 
 import torch
@@ -59,3 +61,24 @@ def training_autocast(device: torch.device, amp: bool) -> contextlib.AbstractCon
     if amp and device.type == "cpu" and native_bfloat16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def available_memory(device: torch.device) -> tuple[int | None, str]:
+    """The bytes that new data can take on `device` now, and what they are in words: on CUDA
+    the GPU's free memory, else the RAM that Linux counts available (MemAvailable: free memory
+    plus the page cache it can reclaim), else (other systems) the free RAM; None where the
+    system does not say."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, "free GPU memory"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"  # in kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
