@@ -6,8 +6,9 @@ Before: every trial trains its drawn --epochs (no --patience), the median pruner
 fourth epoch, training steps in float32 and the head's forward as before issue 21 (the maps
 NCHW, the attention as convolutions: head_speed's what-if). Now: head.sweep's defaults. The
 table gives trials, complete / pruned, epochs trained (each over every fold), minutes, trials
-per minute (of the wall clock and of the process's CPU time), the ratio (target >= 4), and the best trial's mean top-2 after assignment +- SE, so
-that a faster sweep is seen to find as good a head.
+per minute (of the wall clock and of the process's CPU time), the ratio (target >= 4), and the
+best trial's mean top-2 after assignment +- SE, so that a faster sweep is seen to find as good
+a head.
 
     python benchmarks/sweep_speed.py --cache cache/vgg16-features-none-hflip.h5 [--trials 10]
 """
