@@ -76,7 +76,11 @@ def run_sweep(cache: Path, trials: int, folds: int, sampler_seed: int, patience:
 @click.option("--sampler-seed", type=int, default=0)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads [default: torch's].")
-def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | None) -> None:
+@click.option("--only", type=click.Choice(["before", "now"]), default=None,
+              help="Run one of the two sweeps (two processes side by side, each on its own "
+                   "core, take half the wall time; compare their CPU-time figures).")
+def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | None,
+        only: str | None) -> None:
     """Trials per minute of head.sweep now against before issue 21, same study settings."""
     if threads:
         torch.set_num_threads(threads)
@@ -86,6 +90,8 @@ def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | 
         for name, patience, params, context in (
                 ("before issue 21", 0, ("amp=false",), before_issue_21()),
                 ("now (defaults)", sweep.DEFAULT_PATIENCE, (), contextlib.nullcontext())):
+            if only and not name.startswith(only):
+                continue
             with context:
                 result = run_sweep(cache, trials, folds, sampler_seed, patience, params,
                                    Path(scratch) / name.split()[0])
@@ -93,6 +99,8 @@ def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | 
             rows.append([name, result["trials"], result["complete"], result["pruned"],
                          result["epochs"], result["minutes"], result["per_minute"],
                          result["per_cpu_minute"], result["best"]])
+    if only:
+        return
     ratios = [rows[1][column] / rows[0][column] for column in (6, 7)]
     rows[1] += [*ratios, common.verdict(ratios[1], TARGET_RATIO)]
     rows[0] += ["", "", ""]
