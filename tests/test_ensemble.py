@@ -18,6 +18,7 @@ from torch import nn
 
 from extract.cache import read_info
 from head import sweep
+from head import train as train_module
 from head.config import TrainConfig
 from head.export import build_network, describe
 from head.export import main as export
@@ -177,11 +178,14 @@ def test_seeds_validate_the_ensemble_and_one_seed_is_the_one_head(train_cache: P
 
 @pytest.fixture(scope="module")
 def ensemble_run(train_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2-fold, 2 seeds, the folds' heads kept: an ensemble of 2 final + 2 x 2 fold heads;
-    read-only."""
-    return train(train_cache, name="ens", runs_dir=tmp_path_factory.mktemp("runs"),
-                 **{**TRAIN_SETTINGS, "epochs": 2, "folds": 2, "seeds": 2,
-                    "keep_fold_heads": True})
+    """2-fold, 2 seeds, the folds' heads kept: an ensemble of 2 final + 2 x 2 fold heads, the
+    first of 2 epochs chosen (whatever the figures), so that the fold heads kept are not the
+    last epoch's; read-only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "best_epoch", lambda history, config: history[0])
+        return train(train_cache, name="ens", runs_dir=tmp_path_factory.mktemp("runs"),
+                     **{**TRAIN_SETTINGS, "epochs": 2, "folds": 2, "seeds": 2,
+                        "keep_fold_heads": True})
 
 
 def test_an_ensemble_run_keeps_its_members(ensemble_run: Path, train_cache: Path) -> None:
@@ -191,6 +195,7 @@ def test_an_ensemble_run_keeps_its_members(ensemble_run: Path, train_cache: Path
         {"seed": 0, "fold": None}, {"seed": 1, "fold": None}, {"seed": 0, "fold": 0},
         {"seed": 1, "fold": 0}, {"seed": 0, "fold": 1}, {"seed": 1, "fold": 1}]
     assert head.config.embedding_dim == 6 * 256
+    assert checkpoint["best_epoch"] == 1
     # the fold heads as they were at the chosen epoch
     config = _config(train_cache, epochs=2, folds=2, seeds=2, keep_fold_heads=True)
     pairs = load_pairs([train_cache], [read_info(train_cache)], None, torch.device("cpu"))
