@@ -7,7 +7,8 @@ over or pool), batch norm -> a features layer (linear to `features_dim` or its o
 layer norm -> GELU); the results are concatenated -> [dropout] -> one fully connected layer ->
 L2-normalised embedding. It takes one input per trunk, maps and vectors in any mix, so several
 caches can feed one model. With `features_dim` 0 and `dropout` 0 a map head is the head of
-checkpoint format 1, weight for weight.
+checkpoint format 1, weight for weight. `Ensemble`: several heads of one config as one head
+(head.train --seeds, --keep-fold-heads), their unit embeddings concatenated / sqrt(M).
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -120,7 +121,8 @@ class GridMaxPool(nn.Module):
 
 
 class Head(nn.Module):
-    kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening")
+    kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening";
+    # an Ensemble of heads: "ensemble")
 
     def __init__(self, config: HeadConfig):
         super().__init__()
