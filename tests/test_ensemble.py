@@ -4,16 +4,14 @@ was, and an ensemble run through head.export (parity) and `python -m infer`."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TRAIN_SETTINGS, invoke_cli
+from conftest import TRAIN_SETTINGS, check_submission, invoke_cli
 from torch import nn
 
 from extract.cache import read_info
@@ -217,14 +215,7 @@ def test_an_ensemble_run_exports_and_writes_a_submission(ensemble_run: Path, tra
 
     model = export(ensemble_run, out=tmp_path / "model.onnx")  # refused unless parity holds
     out = predict.main(model, train_data, out=tmp_path / "submission.csv", device="cpu")
-    with open(train_data / "test_candidates.csv", newline="") as f:
-        lefts = [row["left"] for row in csv.DictReader(f)]
-    with open(out, newline="") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["left"] + [f"c{i}" for i in range(20)]
-    assert [row[0] for row in rows[1:]] == lefts
-    assert all(len(row) == 21 and all(math.isfinite(float(v)) for v in row[1:])
-               for row in rows[1:])
+    check_submission(out, train_data)
 
 
 def test_fold_heads_need_folds_and_are_no_sweep_setting(train_cache: Path,
