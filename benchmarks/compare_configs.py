@@ -36,7 +36,13 @@ from head.config import TrainConfig
 from head.figures import best_epoch, summarize
 from head.folds import Prepared, make_fold, prepare
 from head.model import ensemble_of
-from head.train import SeedTrainers, cross_validate, cross_validate_heads, validate
+from head.train import (
+    SeedTrainers,
+    cross_validate,
+    cross_validate_heads,
+    final_and_fold_members,
+    validate,
+)
 from head.whiten import score_whitening
 from tll.data import fold_splits
 
@@ -166,8 +172,7 @@ def nested_fold_heads(prepared: Prepared, config: TrainConfig
     per-outer-fold figures and the chosen epochs."""
     records, epochs = {"final head": [], "fold heads": [], "final + fold heads": []}, []
     head_config = prepared.head_config(config)
-    members = [{"seed": s, "fold": f} for f in (None, *range(config.folds))
-               for s in range(config.seed, config.seed + config.seeds)]
+    members = final_and_fold_members(config)
     outer_splits = fold_splits(prepared.pairs.dataset, config.folds, config.split_seed)
     for number, (outer, (train_pairs, _)) in enumerate(zip(prepared.folds, outer_splits,
                                                            strict=True)):

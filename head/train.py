@@ -224,6 +224,7 @@ class SeedTrainers:
 
 
 def member_seeds(config: TrainConfig) -> range:
+    """--seed, --seed + 1, ...: the seed of each of --seeds heads."""
     return range(config.seed, config.seed + config.seeds)
 
 
@@ -262,7 +263,8 @@ def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: Tra
 
 
 def train_single_split(fold: Fold, head_config: HeadConfig, config: TrainConfig,
-                       on_epoch: Callable[[int, dict], None]) -> tuple[list[dict], Head]:
+                       on_epoch: Callable[[int, dict], None]
+                       ) -> tuple[list[dict], torch.nn.Module]:
     """Train on one split; returns each epoch's record and the head of the best epoch (of the
     last, without validation)."""
     trainer = SeedTrainers(fold, head_config, config)
@@ -298,9 +300,14 @@ def with_fold_heads(final: torch.nn.Module, fold_heads: list[torch.nn.Module],
     """--keep-fold-heads: the final head(s), then each fold's, as one ensemble."""
     logger.info("keeping the %d folds' heads too: an ensemble of %d heads, which the k-fold "
                 "figures do not score", config.folds, config.seeds * (config.folds + 1))
-    members = [{"seed": seed, "fold": fold}
-               for fold in (None, *range(config.folds)) for seed in member_seeds(config)]
-    return ensemble_of([final, *fold_heads], members)
+    return ensemble_of([final, *fold_heads], final_and_fold_members(config))
+
+
+def final_and_fold_members(config: TrainConfig) -> list[dict]:
+    """What each member of `with_fold_heads`'s ensemble is (EnsembleConfig.members): the final
+    heads' seeds, then each fold's."""
+    return [{"seed": seed, "fold": fold}
+            for fold in (None, *range(config.folds)) for seed in member_seeds(config)]
 
 
 def main(cache: str | Path | list[str | Path], name: str | None = None,
