@@ -6,17 +6,17 @@ the fusion table in the README. Quality, not speed, though seconds per epoch are
     .venv/bin/python benchmarks/compare_configs.py fusion --cache NAME=PATH [--cache ...] \\
         --combination NAME[+NAME...] [...]
     .venv/bin/python benchmarks/compare_configs.py ensembles --cache NAME=PATH [--cache ...] \\
-        [--seeds 5] [--fold-heads]
+        [--seeds 5] [--rows seeds] [--rows fold-heads]
 
 `levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
 images as they are), the levers one at a time and together, and the head the sweep found, on
 one two-view cache (`extract --hflip`). `fusion` runs each combination of the named caches (one
 alone, or several fused). `ensembles` runs, on each cache, the whitened baseline, one head and
-`--seeds N` heads (head.train --seeds); with `--fold-heads`, what the folds' heads add to the final
-head (head.train --keep-fold-heads), which k-fold cannot score (each fold head trained on the
-other folds' validation pairs): nested, each outer fold's training pairs cut into K inner folds
-whose heads, at the epoch the inner folds chose, join a final head trained on all of them, and
-the outer fold's pairs score both.
+`--seeds N` heads (head.train --seeds); with `--rows fold-heads`, what the folds' heads add to
+the final head (head.train --keep-fold-heads), which k-fold cannot score (each fold head trained
+on the other folds' validation pairs): nested, each outer fold's training pairs cut into K inner
+folds whose heads, at the epoch the inner folds chose, join a final head trained on all of them,
+and the outer fold's pairs score both.
 Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
 each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
 epoch by that mean, after the default assignment, +- its standard error; the plain top-2 beside
@@ -202,15 +202,16 @@ def nested_fold_heads(prepared: Prepared, config: TrainConfig
 @click.option("--cache", "named", multiple=True, required=True, metavar="NAME=PATH",
               help="A cache and its name in the table; repeat for rows of each.")
 @click.option("--seeds", default=5, show_default=True, help="The ensemble's heads.")
-@click.option("--fold-heads", is_flag=True,
-              help="Also the nested measurement of the folds' heads (K + 1 times the cost of "
-                   "one head's k-fold run).")
+@click.option("--rows", "parts", type=click.Choice(["seeds", "fold-heads"]), multiple=True,
+              default=("seeds",), show_default=True,
+              help="seeds: the whitened baseline, one head and --seeds heads; fold-heads: the "
+                   "nested measurement of the folds' heads (K + 1 times the cost of one head's "
+                   "k-fold run). Repeat for both.")
 @common_options
-def ensembles(named: tuple[str, ...], seeds: int, fold_heads: bool, folds: int, epochs: int,
-              seed: int, split_seed: int) -> None:
-    """The whitened baseline, one head, --seeds N heads and (--fold-heads) what the folds'
-    heads add, on each cache; seconds for all folds and epochs (the nested rows: for all three
-    together)."""
+def ensembles(named: tuple[str, ...], seeds: int, parts: tuple[str, ...], folds: int,
+              epochs: int, seed: int, split_seed: int) -> None:
+    """The whitened baseline, one head, --seeds N heads and what the folds' heads add, on each
+    cache; seconds for all folds and epochs (the nested rows: for all three together)."""
     click.echo(f"\nensembles: {folds}-fold, {epochs} epochs, seed {seed}, split seed "
                f"{split_seed}\n")
     lines = ["| cache | configuration | top-2, assigned | top-2, plain | epoch | seconds |",
@@ -223,15 +224,16 @@ def ensembles(named: tuple[str, ...], seeds: int, fold_heads: bool, folds: int, 
         # untimed: the first epoch of a process pays for allocations the next ones reuse
         cross_validate(prepared.folds[:1], prepared.head_config(base),
                        dataclasses.replace(base, epochs=1), progress=False)
-        started = time.perf_counter()
-        whitened = summarize([score_whitening(fold, base)[1] for fold in prepared.folds])
-        lines.append(f"| {name} | whitened (head.whiten) | {cells(whitened)} | - | "
-                     f"{time.perf_counter() - started:.0f} |")
-        for label, best, per_epoch in score_prepared(
-                prepared, base, {"one head": {}, f"{seeds} seeds": {"seeds": seeds}}):
-            lines.append(f"| {name} | {label} | {cells(best)} | {best['epoch']} | "
-                         f"{per_epoch * epochs:.0f} |")
-        if fold_heads:
+        if "seeds" in parts:
+            started = time.perf_counter()
+            whitened = summarize([score_whitening(fold, base)[1] for fold in prepared.folds])
+            lines.append(f"| {name} | whitened (head.whiten) | {cells(whitened)} | - | "
+                         f"{time.perf_counter() - started:.0f} |")
+            for label, best, per_epoch in score_prepared(
+                    prepared, base, {"one head": {}, f"{seeds} seeds": {"seeds": seeds}}):
+                lines.append(f"| {name} | {label} | {cells(best)} | {best['epoch']} | "
+                             f"{per_epoch * epochs:.0f} |")
+        if "fold-heads" in parts:
             started = time.perf_counter()
             records, chosen = nested_fold_heads(prepared, base)
             seconds = time.perf_counter() - started
