@@ -5,11 +5,18 @@ the fusion table in the README. Quality, not speed, though seconds per epoch are
     .venv/bin/python benchmarks/compare_configs.py levers --cache cache/X-hflip.h5
     .venv/bin/python benchmarks/compare_configs.py fusion --cache NAME=PATH [--cache ...] \\
         --combination NAME[+NAME...] [...]
+    .venv/bin/python benchmarks/compare_configs.py ensembles --cache NAME=PATH [--cache ...] \\
+        [--seeds 5] [--rows seeds] [--rows fold-heads]
 
 `levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
 images as they are), the levers one at a time and together, and the head the sweep found, on
 one two-view cache (`extract --hflip`). `fusion` runs each combination of the named caches (one
-alone, or several fused).
+alone, or several fused). `ensembles` runs, on each cache, the whitened baseline, one head and
+`--seeds N` heads (head.train --seeds); with `--rows fold-heads`, what the folds' heads add to
+the final head (head.train --keep-fold-heads), which k-fold cannot score (each fold head trained
+on the other folds' validation pairs): nested, each outer fold's training pairs cut into K inner
+folds whose heads, at the epoch the inner folds chose, join a final head trained on all of them,
+and the outer fold's pairs score both.
 Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
 each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
 epoch by that mean, after the default assignment, +- its standard error; the plain top-2 beside
@@ -26,9 +33,18 @@ import click
 import common  # noqa: F401  (sets TQDM_DISABLE before the project's modules import tqdm)
 
 from head.config import TrainConfig
-from head.figures import best_epoch
-from head.folds import prepare
-from head.train import cross_validate
+from head.figures import best_epoch, summarize
+from head.folds import Prepared, make_fold, prepare
+from head.model import ensemble_of
+from head.train import (
+    SeedTrainers,
+    cross_validate,
+    cross_validate_heads,
+    final_and_fold_members,
+    validate,
+)
+from head.whiten import score_whitening
+from tll.data import fold_splits
 
 # the levers of issue 12 one at a time, on the head before them
 LEVERS = {
@@ -60,8 +76,13 @@ def score(caches: list[Path], configs: dict[str, dict], folds: int, epochs: int,
     """(name, the best epoch's summary, seconds per epoch) of each configuration."""
     base = TrainConfig(caches=tuple(map(str, caches)), name="compare", folds=folds,
                        epochs=epochs, seed=seed, split_seed=split_seed, device="cpu")
-    prepared = prepare(caches, base)
-    results = []
+    return score_prepared(prepare(caches, base), base, configs)
+
+
+def score_prepared(prepared: Prepared, base: TrainConfig, configs: dict[str, dict]
+                   ) -> list[tuple[str, dict, float]]:
+    """`score` on caches already loaded, `base` changed by each configuration."""
+    epochs, results = base.epochs, []
     for name, options in configs.items():
         config = dataclasses.replace(base, **options)
         started = time.perf_counter()
@@ -75,8 +96,13 @@ def score(caches: list[Path], configs: dict[str, dict], folds: int, epochs: int,
 
 
 def row(best: dict, seconds: float) -> str:
-    figures = [f"{best[k]:.3f} +- {best[k + '_se']:.3f}" for k in ("top2_assigned", "top2")]
-    return f"{figures[0]} | {figures[1]} | {best['epoch']} | {seconds:.1f}"
+    return f"{cells(best)} | {best['epoch']} | {seconds:.1f}"
+
+
+def cells(summary: dict) -> str:
+    """Top-2 after the assignment and plain, each mean +- standard error over the folds."""
+    return " | ".join(f"{summary[k]:.3f} +- {summary[k + '_se']:.3f}"
+                      for k in ("top2_assigned", "top2"))
 
 
 def table(title: str, results: list[tuple[str, dict, float]]) -> None:
@@ -136,6 +162,85 @@ def fusion(named: tuple[str, ...], combinations: tuple[str, ...], folds: int, ep
         results += score(caches, {combination: {}}, folds, epochs, seed, split_seed)
     table(f"fusion: {folds}-fold, {epochs} epochs, seed {seed}, split seed {split_seed}",
           results)
+
+
+def nested_fold_heads(prepared: Prepared, config: TrainConfig
+                      ) -> tuple[dict[str, list[dict]], list[int]]:
+    """For each outer fold: K inner folds of its training pairs, cross-validated with their
+    heads kept at the chosen epoch; a final head trained on all its training pairs for that many
+    epochs; each scored on the outer fold's pairs, which none of them saw. Returns each row's
+    per-outer-fold figures and the chosen epochs."""
+    records, epochs = {"final head": [], "fold heads": [], "final + fold heads": []}, []
+    head_config = prepared.head_config(config)
+    members = final_and_fold_members(config)
+    outer_splits = fold_splits(prepared.pairs.dataset, config.folds, config.split_seed)
+    for number, (outer, (train_pairs, _)) in enumerate(zip(prepared.folds, outer_splits,
+                                                           strict=True)):
+        inner_data = dataclasses.replace(prepared.pairs.dataset, train_pairs=train_pairs)
+        inner = [make_fold(prepared.pairs, *split)
+                 for split in fold_splits(inner_data, config.folds, config.split_seed)]
+        history, fold_heads = cross_validate_heads(inner, head_config, config, progress=False,
+                                                   keep_heads=True)
+        chosen = best_epoch(history, config)["epoch"]
+        final = SeedTrainers(outer, head_config, dataclasses.replace(config, epochs=chosen),
+                             progress=False)
+        for epoch in range(1, chosen + 1):
+            record = final.epoch(epoch)
+        records["final head"].append({k: v for k, v in record.items() if k != "loss"})
+        records["fold heads"].append(
+            validate(ensemble_of(fold_heads, members[config.seeds:]), outer, config, chosen))
+        records["final + fold heads"].append(
+            validate(ensemble_of([final.head, *fold_heads], members), outer, config, chosen))
+        epochs.append(chosen)
+        click.echo(f"  outer fold {number}: epoch {chosen}, " + ", ".join(
+            f"{name} {rows[-1]['top2_assigned']:.3f}" for name, rows in records.items()),
+            err=True)
+    return records, epochs
+
+
+@cli.command()
+@click.option("--cache", "named", multiple=True, required=True, metavar="NAME=PATH",
+              help="A cache and its name in the table; repeat for rows of each.")
+@click.option("--seeds", default=5, show_default=True, help="The ensemble's heads.")
+@click.option("--rows", "parts", type=click.Choice(["seeds", "fold-heads"]), multiple=True,
+              default=("seeds",), show_default=True,
+              help="seeds: the whitened baseline, one head and --seeds heads; fold-heads: the "
+                   "nested measurement of the folds' heads (K + 1 times the cost of one head's "
+                   "k-fold run). Repeat for both.")
+@common_options
+def ensembles(named: tuple[str, ...], seeds: int, parts: tuple[str, ...], folds: int,
+              epochs: int, seed: int, split_seed: int) -> None:
+    """The whitened baseline, one head, --seeds N heads and what the folds' heads add, on each
+    cache; seconds for all folds and epochs (the nested rows: for all three together)."""
+    click.echo(f"\nensembles: {folds}-fold, {epochs} epochs, seed {seed}, split seed "
+               f"{split_seed}\n")
+    lines = ["| cache | configuration | top-2, assigned | top-2, plain | epoch | seconds |",
+             "|---|---|---|---|---|---|"]
+    for text in named:
+        name, path = text.split("=", 1)
+        base = TrainConfig(caches=(path,), name="compare", folds=folds, epochs=epochs,
+                           seed=seed, split_seed=split_seed, device="cpu")
+        prepared = prepare([Path(path)], base)
+        # untimed: the first epoch of a process pays for allocations the next ones reuse
+        cross_validate(prepared.folds[:1], prepared.head_config(base),
+                       dataclasses.replace(base, epochs=1), progress=False)
+        if "seeds" in parts:
+            started = time.perf_counter()
+            whitened = summarize([score_whitening(fold, base)[1] for fold in prepared.folds])
+            lines.append(f"| {name} | whitened (head.whiten) | {cells(whitened)} | - | "
+                         f"{time.perf_counter() - started:.0f} |")
+            for label, best, per_epoch in score_prepared(
+                    prepared, base, {"one head": {}, f"{seeds} seeds": {"seeds": seeds}}):
+                lines.append(f"| {name} | {label} | {cells(best)} | {best['epoch']} | "
+                             f"{per_epoch * epochs:.0f} |")
+        if "fold-heads" in parts:
+            started = time.perf_counter()
+            records, chosen = nested_fold_heads(prepared, base)
+            seconds = time.perf_counter() - started
+            for label, per_fold in records.items():
+                lines.append(f"| {name} | nested: {label} | {cells(summarize(per_fold))} | "
+                             f"{'/'.join(map(str, chosen))} | {seconds:.0f} |")
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ class TrainConfig:
     folds: int = 0  # 0: one split of val_fraction; K >= 2: K-fold cross-validation
     split_seed: int = 0  # draws the validation split or the folds
     seed: int = 0  # draws the initialisation and the batch order
+    seeds: int = 1  # heads trained, seeds seed .. seed + seeds - 1, kept as one ensemble
+    keep_fold_heads: bool = False  # with folds: the folds' heads join the final one(s)
     device: str = "auto"
     # bytes of train features held in memory on the device, beyond which a cache is streamed
     # (head.stream); None: a share of the memory available. Never changes the figures
@@ -78,6 +80,10 @@ def check_config(config: TrainConfig) -> None:
     if config.folds == 1 or config.folds < 0:
         raise UserError(f"--folds {config.folds}: cross-validation takes at least 2 folds "
                         "(0 for one split of --val-fraction)")
+    if config.seeds < 1:
+        raise UserError(f"--seeds {config.seeds}: train at least 1 head")
+    if config.keep_fold_heads and not config.folds:
+        raise UserError("--keep-fold-heads keeps the heads of --folds K: give --folds too")
 
 
 def head_config_for(feature_shapes: Sequence[tuple[int, ...]],
@@ -199,6 +205,15 @@ TRAIN_OPTIONS: dict[str, click.Option] = {option.name: option for option in [
                  help="Draws the validation split or the folds."),
     click.Option(["--seed"], type=int, default=_defaults["seed"],
                  help="Draws the initialisation and the batch order."),
+    click.Option(["--seeds"], type=click.IntRange(min=1), default=_defaults["seeds"],
+                 help="Heads to train, with seeds --seed, --seed + 1, ...: the run keeps them as "
+                      "one ensemble (embeddings concatenated, cosine the mean of theirs). With "
+                      "--folds each fold trains as many and validates their ensemble."),
+    click.Option(["--keep-fold-heads/--no-keep-fold-heads"],
+                 default=_defaults["keep_fold_heads"],
+                 help="With --folds K: add the K folds' heads, at the chosen epoch, to the "
+                      "final head(s) in the run's ensemble. Its figures cannot be validated: each "
+                      "fold head trained on the other folds' validation pairs."),
     click.Option(["--device"], type=click.Choice(["auto", "cuda", "cpu"]),
                  default=_defaults["device"]),
     click.Option(["--memory-budget"], type=ByteSize(), default=_defaults["memory_budget"],

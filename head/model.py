@@ -7,7 +7,8 @@ over or pool), batch norm -> a features layer (linear to `features_dim` or its o
 layer norm -> GELU); the results are concatenated -> [dropout] -> one fully connected layer ->
 L2-normalised embedding. It takes one input per trunk, maps and vectors in any mix, so several
 caches can feed one model. With `features_dim` 0 and `dropout` 0 a map head is the head of
-checkpoint format 1, weight for weight.
+checkpoint format 1, weight for weight. `Ensemble`: several heads of one config as one head
+(head.train --seeds, --keep-fold-heads), their unit embeddings concatenated / sqrt(M).
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -29,12 +30,12 @@ from torch import nn
 from tll import UserError, first_line
 
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 4  # 2: features layer, dropout; 3: the views, and a list of caches;
-# 4: the head's kind ("trained", or "whitening": head.whiten)
+CHECKPOINT_VERSION = 5  # 2: features layer, dropout; 3: the views, and a list of caches;
+# 4: the head's kind ("trained", or "whitening": head.whiten); 5: the kind "ensemble"
 # every format this code still loads: format 1 is format 2 without a features layer or dropout
 # (the same modules, the same state-dict keys), format 2 is format 3 on one view and one cache,
-# format 3 is format 4 with a trained head
-READABLE_CHECKPOINTS = (1, 2, 3, 4)
+# format 3 is format 4 with a trained head, format 4 is format 5 without ensembles
+READABLE_CHECKPOINTS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ class GridMaxPool(nn.Module):
 
 
 class Head(nn.Module):
-    kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening")
+    kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening";
+    # an Ensemble of heads: "ensemble")
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -224,6 +226,77 @@ def _float(features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             else f.float() for f in features]
 
 
+@dataclass(frozen=True)
+class EnsembleConfig:
+    member: HeadConfig  # every member's: one architecture, so one trunk pass feeds them all
+    # what each member is, in order: {"seed": its --seed, "fold": None for a head trained on
+    # every train pair, k for the head of fold k (head.train --keep-fold-heads)}
+    members: tuple[dict, ...]
+    embedding_dim: int = 0  # len(members) * member.embedding_dim, set from them
+
+    def __post_init__(self):
+        member = (self.member if isinstance(self.member, HeadConfig)
+                  else HeadConfig(**self.member))  # as a checkpoint holds it
+        members = tuple(dict(m) for m in self.members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble takes at least 2 members, got {len(members)}")
+        width = len(members) * member.embedding_dim
+        if self.embedding_dim not in (0, width):
+            raise ValueError(f"embedding_dim {self.embedding_dim} is not {len(members)} members "
+                             f"x {member.embedding_dim}")
+        object.__setattr__(self, "member", member)
+        object.__setattr__(self, "members", members)
+        object.__setattr__(self, "embedding_dim", width)
+
+
+class Ensemble(nn.Module):
+    """M heads of one architecture on the same inputs, as one head: their unit embeddings
+    (B, D) concatenated and scaled by 1/sqrt(M), a unit embedding (B, M * D) whose cosine with
+    another is the mean of the M members' cosines, so that scoring, assignment and the error
+    page use it as they use one head's."""
+
+    kind = "ensemble"
+
+    def __init__(self, config: EnsembleConfig, heads: list[Head] | None = None):
+        super().__init__()
+        self.config = config
+        heads = heads or [Head(config.member) for _ in config.members]
+        if len(heads) != len(config.members) or any(h.config != config.member for h in heads):
+            raise ValueError(f"an ensemble of {len(config.members)} heads of one config takes "
+                             "exactly those")
+        self.members = nn.ModuleList(heads)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        embeddings = torch.stack([head(*features) for head in self.members], dim=1)  # (B, M, D)
+        return ensemble_embedding(embeddings)
+
+
+def ensemble_embedding(members: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) unit embeddings of M members -> (B, M * D), concatenated / sqrt(M): unit norm,
+    and the dot product of two is the mean of the members' cosines."""
+    return members.flatten(1) / math.sqrt(members.shape[1])
+
+
+def ensemble_of(heads: list[nn.Module], members: list[dict]) -> nn.Module:
+    """One head from trained `heads` (plain heads or ensembles of them; `members` describes
+    each plain head in order, see EnsembleConfig): the head itself where there is one."""
+    plain = [h for head in heads for h in (head.members if isinstance(head, Ensemble) else [head])]
+    if len(plain) == 1:
+        return plain[0]
+    return Ensemble(EnsembleConfig(plain[0].config, tuple(members)), plain)
+
+
+def mean_of_views(head: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    """An image's embedding from its views' (V, B, W): their mean normalised again; for an
+    ensemble, each member's mean normalised before the members are joined, so that its cosine
+    stays the mean of its members' (B, W)."""
+    if not isinstance(head, Ensemble):
+        return F.normalize(embeddings.mean(dim=0), dim=1)
+    members = len(head.members)
+    mean = embeddings.mean(dim=0).unflatten(1, (members, -1))  # (B, M, D)
+    return ensemble_embedding(F.normalize(mean, dim=2))
+
+
 class TLLNet(nn.Module):
     """Trunks + head: image (N, 3, H, W) RGB in [0, 1] -> embedding (N, D), unit norm.
 
@@ -231,8 +304,9 @@ class TLLNet(nn.Module):
     layers of one model); `inputs` says, for each of the head's inputs in order, (which trunk,
     which of its outputs); by default each trunk gives one input, in order. With views
     ("identity", "hflip") the image and its left-right flip are embedded and their mean,
-    normalised again, is the embedding: the test-time augmentation head.train validates with.
-    `explain` gives, besides the embedding, what it is made of (the error-analysis page's maps).
+    normalised again, is the embedding: the test-time augmentation head.train validates with
+    (for an ensemble, per member: `mean_of_views`). `explain` gives, besides the embedding, what
+    it is made of (the error-analysis page's maps; a `Head`'s only).
     """
 
     def __init__(self, trunks: list[nn.Module], head: Head,
@@ -251,7 +325,7 @@ class TLLNet(nn.Module):
                       for view in self.views]  # V x (N, D)
         if len(embeddings) == 1:
             return embeddings[0]
-        return F.normalize(torch.stack(embeddings).mean(dim=0), dim=1)  # (N, D)
+        return mean_of_views(self.head, torch.stack(embeddings))  # (N, D)
 
     def _embed(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(*self._head_inputs(image))
@@ -337,6 +411,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
             head = WhiteningHead(WhiteningConfig(**checkpoint["head_config"]))
         elif kind == Head.kind:
             head = Head(HeadConfig(**checkpoint["head_config"]))
+        elif kind == Ensemble.kind:
+            head = Ensemble(EnsembleConfig(**checkpoint["head_config"]))
         else:
             raise ValueError(f"unknown head kind {kind!r}")
         head.load_state_dict(checkpoint["state_dict"])

@@ -106,8 +106,10 @@ USED_BY_LOSS = {"margin": "triplet", "negatives": "triplet", "temperature": "inf
 # what a study is run with, the same for every trial: set by the sweep's own options (a study
 # resumed with other values is refused), never by --param
 STUDY_SETTING = ("folds", "split_seed", "seed", "assign", "assign_temperature", "patience")
-# held fixed for every trial besides: val_fraction is unused with folds
-FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "memory_budget", "val_fraction")
+# held fixed for every trial besides: val_fraction is unused with folds, and a trial trains no
+# final head for the folds' heads to join
+FIXED_FIELDS = ("caches", "name", *STUDY_SETTING, "device", "memory_budget", "val_fraction",
+                "keep_fold_heads")
 FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
                if f.name not in FIXED_FIELDS}
 

@@ -12,6 +12,12 @@ the Kaggle test, in one of two ways:
   side; every epoch reports the mean and standard error over the folds, the number of epochs is
   chosen by the mean, and the final head is trained on every train pair for that many epochs.
 
+`--seeds N` trains N heads (seeds --seed ... --seed + N - 1) wherever one would be trained: each
+fold's N are validated as their ensemble (so the epoch chosen is the ensemble's), and the run
+keeps the N as one `head.model.Ensemble`. `--keep-fold-heads` adds the K folds' heads, as they
+were at the chosen epoch, to the final one(s): an ensemble k-fold cannot score, since each fold
+head was trained on the other folds' validation pairs.
+
 The epoch is chosen by the figure `python -m infer` will give by default: top-2 after the
 one-to-one assignment `--assign`, unless that is none. The frozen trunk's own score
 (global-average-pooled features, cosine) is printed first, so each run shows the head's lift
@@ -50,7 +56,7 @@ from head.config import (
 from head.figures import best_epoch, evaluate, frozen_baseline, selection_figure, stalled, summarize
 from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.loss import pair_loss
-from head.model import Head, HeadConfig, save_checkpoint
+from head.model import Head, HeadConfig, ensemble_of, mean_of_views, save_checkpoint
 from head.report import (
     epoch_log,
     figures_only,
@@ -67,11 +73,11 @@ from tll.files import atomic_output
 
 
 @torch.no_grad()
-def embed(head: Head, features: list[torch.Tensor], rows: torch.Tensor,
+def embed(head: torch.nn.Module, features: list[torch.Tensor], rows: torch.Tensor,
           batch_size: int) -> np.ndarray:
     """Unit embeddings (len(rows), D) of `rows` of each cache's features (N, V, C, h, w): with
     several views the mean of each view's embedding, normalised again (test-time augmentation,
-    as the exported model does it)."""
+    as the exported model does it: `mean_of_views`). `head`: a Head or an Ensemble."""
     head.eval()
     out = []
     read_ahead(features, lambda: (rows[i:i + batch_size]
@@ -80,7 +86,7 @@ def embed(head: Head, features: list[torch.Tensor], rows: torch.Tensor,
         blocks = [f[rows[i:i + batch_size]].float() for f in features]  # each (b, V, C, h, w)
         views = torch.stack([head(*[block[:, v] for block in blocks])
                              for v in range(blocks[0].shape[1])])  # (V, b, D)
-        out.append(torch.nn.functional.normalize(views.mean(dim=0), dim=1))  # (b, D)
+        out.append(mean_of_views(head, views))  # (b, D)
     return torch.cat(out).cpu().numpy()
 
 
@@ -173,34 +179,86 @@ class Trainer:
     def epoch(self, number: int) -> dict[str, float]:
         """Train one epoch; returns its loss and, where the fold has queries, the validation
         figures."""
+        loss = self.train(number)
+        if not len(self.fold.val_truth):
+            return {"loss": loss}
+        return {"loss": loss, **validate(self.head, self.fold, self.config, number)}
+
+    def train(self, number: int) -> float:
+        """Train one epoch; returns its mean batch loss."""
         device = self.fold.features[0].device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             # dropout draws from the global generator: seed it from --seed and the epoch alone,
             # so a run does not depend on what trained before it in this process (a sweep)
             torch.manual_seed(self.config.seed * 1_000_003 + number)
-            loss = train_epoch(self.head, self.optimizer, self.fold, self.config, number,
+            return train_epoch(self.head, self.optimizer, self.fold, self.config, number,
                                self.generator, self.progress)
-        if not len(self.fold.val_truth):
+
+
+def validate(head: torch.nn.Module, fold: Fold, config: TrainConfig,
+             number: int) -> dict[str, float]:
+    """The validation figures of `head` (a Head or an Ensemble) on the fold after epoch
+    `number`."""
+    embeddings = embed(head, fold.features, fold.val_images, config.batch_size)
+    if not np.isfinite(embeddings).all():  # the last step can diverge unseen
+        raise UserError(f"the weights diverged in epoch {number} (non-finite embeddings); "
+                        "try a lower --lr")
+    return evaluate(embeddings, fold, config.assign, config.assign_temperature)
+
+
+class SeedTrainers:
+    """--seeds N heads on one fold, member i with seed --seed + i (its own initialisation, batch
+    order and dropout), trained epoch by epoch and validated as one ensemble. With N = 1 it is
+    the one Trainer, figure for figure."""
+
+    def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
+                 progress: bool = True, fold_number: int | None = None):
+        self.trainers = [Trainer(fold, head_config, dataclasses.replace(config, seed=seed),
+                                 progress) for seed in member_seeds(config)]
+        self.members = [{"seed": seed, "fold": fold_number} for seed in member_seeds(config)]
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The trained head, or the ensemble of them (which shares their weights)."""
+        return ensemble_of([trainer.head for trainer in self.trainers], self.members)
+
+    def epoch(self, number: int) -> dict[str, float]:
+        """Train each member one epoch; returns their mean loss and, where the fold has queries,
+        the ensemble's validation figures."""
+        if len(self.trainers) == 1:
+            return self.trainers[0].epoch(number)
+        loss = float(np.mean([trainer.train(number) for trainer in self.trainers]))
+        first = self.trainers[0]
+        if not len(first.fold.val_truth):
             return {"loss": loss}
-        embeddings = embed(self.head, self.fold.features, self.fold.val_images,
-                           self.config.batch_size)
-        if not np.isfinite(embeddings).all():  # the last step can diverge unseen
-            raise UserError(f"the weights diverged in epoch {number} (non-finite embeddings); "
-                            "try a lower --lr")
-        return {"loss": loss, **evaluate(embeddings, self.fold, self.config.assign,
-                                         self.config.assign_temperature)}
+        return {"loss": loss, **validate(self.head, first.fold, first.config, number)}
+
+
+def member_seeds(config: TrainConfig) -> range:
+    """--seed, --seed + 1, ...: the seed of each of --seeds heads."""
+    return range(config.seed, config.seed + config.seeds)
 
 
 def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
                    on_epoch: Callable[[int, dict], None] | None = None,
                    progress: bool = True) -> list[dict]:
-    """Train one head per fold, side by side, for config.epochs (fewer where --patience stops
-    them); returns each epoch's summary over the folds (`summarize`, plus `epoch`, `seconds` and
-    the per-fold figures under `folds`). `on_epoch(epoch, summary)` runs after each epoch (a
-    sweep reports and prunes); `progress` shows each epoch's batch bar and logs an early
-    stop."""
-    trainers = [Trainer(fold, head_config, config, progress) for fold in folds]
-    history = []
+    """Train one head (--seeds: N) per fold, side by side, for config.epochs (fewer where
+    --patience stops them); returns each epoch's summary over the folds (`summarize`, plus
+    `epoch`, `seconds` and the per-fold figures under `folds`). `on_epoch(epoch, summary)` runs
+    after each epoch (a sweep reports and prunes); `progress` shows each epoch's batch bar and
+    logs an early stop."""
+    return cross_validate_heads(folds, head_config, config, on_epoch, progress)[0]
+
+
+def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
+                         on_epoch: Callable[[int, dict], None] | None = None,
+                         progress: bool = True, keep_heads: bool = False
+                         ) -> tuple[list[dict], list[torch.nn.Module]]:
+    """`cross_validate`, and with `keep_heads` each fold's head(s) as they were at the best
+    epoch by the mean (`best_epoch`), on the CPU; [] without."""
+    trainers = [SeedTrainers(fold, head_config, config, progress, fold_number)
+                for fold_number, fold in enumerate(folds)]
+    history, kept = [], []
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
         records = [trainer.epoch(number) for trainer in trainers]
@@ -209,20 +267,23 @@ def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConf
         if len(records) > 1:
             summary["folds"] = records
         history.append(summary)
+        if keep_heads and best_epoch(history, config) is summary:  # the best so far
+            kept = [copy.deepcopy(trainer.head).cpu() for trainer in trainers]
         if on_epoch:
             on_epoch(number, summary)
         if stalled(history, config):
             if progress:
                 _log_stop(history, config)
             break
-    return history
+    return history, kept
 
 
 def train_single_split(fold: Fold, head_config: HeadConfig, config: TrainConfig,
-                       on_epoch: Callable[[int, dict], None]) -> tuple[list[dict], Head]:
+                       on_epoch: Callable[[int, dict], None]
+                       ) -> tuple[list[dict], torch.nn.Module]:
     """Train on one split; returns each epoch's record and the head of the best epoch (of the
     last, without validation)."""
-    trainer = Trainer(fold, head_config, config)
+    trainer = SeedTrainers(fold, head_config, config)
     history, kept = [], None
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -245,14 +306,33 @@ def _log_stop(history: list[dict], config: TrainConfig) -> None:
 
 
 def train_final_head(pairs: CachedPairs, head_config: HeadConfig, config: TrainConfig,
-                     epochs: int) -> Head:
-    """After cross-validation: the head trained on every train pair for the chosen `epochs`."""
-    logger.info("%d-fold cross-validation chose %d epochs; training the final head on all %d "
-                "train pairs", config.folds, epochs, len(pairs.dataset.train_pairs))
-    final = Trainer(all_pairs_fold(pairs), head_config, dataclasses.replace(config, epochs=epochs))
+                     epochs: int) -> torch.nn.Module:
+    """After cross-validation: the head (--seeds: the ensemble of N) trained on every train pair
+    for the chosen `epochs`."""
+    logger.info("%d-fold cross-validation chose %d epochs; training the final head%s on all %d "
+                "train pairs", config.folds, epochs,
+                f"s ({config.seeds} seeds)" if config.seeds > 1 else "",
+                len(pairs.dataset.train_pairs))
+    final = SeedTrainers(all_pairs_fold(pairs), head_config,
+                         dataclasses.replace(config, epochs=epochs))
     for number in range(1, epochs + 1):
         final.epoch(number)
     return final.head
+
+
+def with_fold_heads(final: torch.nn.Module, fold_heads: list[torch.nn.Module],
+                    config: TrainConfig) -> torch.nn.Module:
+    """--keep-fold-heads: the final head(s), then each fold's, as one ensemble."""
+    logger.info("keeping the %d folds' heads too: an ensemble of %d heads, which the k-fold "
+                "figures do not score", config.folds, config.seeds * (config.folds + 1))
+    return ensemble_of([final, *fold_heads], final_and_fold_members(config))
+
+
+def final_and_fold_members(config: TrainConfig) -> list[dict]:
+    """What each member of `with_fold_heads`'s ensemble is (EnsembleConfig.members): the final
+    heads' seeds, then each fold's."""
+    return [{"seed": seed, "fold": fold}
+            for fold in (None, *range(config.folds)) for seed in member_seeds(config)]
 
 
 def main(cache: str | Path | list[str | Path], name: str | None = None,
@@ -288,9 +368,12 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
         log_epoch = epoch_log(work / "metrics.jsonl")
         if config.folds:
-            history = cross_validate(folds, head_config, config, log_epoch)
+            history, fold_heads = cross_validate_heads(folds, head_config, config, log_epoch,
+                                                       keep_heads=config.keep_fold_heads)
             best = best_epoch(history, config)
             head = train_final_head(prepared.pairs, head_config, config, best["epoch"])
+            if fold_heads:
+                head = with_fold_heads(head.cpu(), fold_heads, config)
         else:
             history, head = train_single_split(folds[0], head_config, config, log_epoch)
             best = best_epoch(history, config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +33,19 @@ def invoke_cli(cli: click.Command, *arguments) -> Result:
     result = CliRunner().invoke(cli, [str(a) for a in arguments])
     result.text = result.output + (getattr(result, "stderr", "") or "")
     return result
+
+
+def check_submission(path: Path, data: Path) -> None:
+    """`path` is a valid submission for `data`: the header, one row per test query in
+    test_candidates.csv's order, 20 finite scores each."""
+    with open(data / "test_candidates.csv", newline="") as f:
+        lefts = [row["left"] for row in csv.DictReader(f)]
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["left"] + [f"c{i}" for i in range(20)]
+    assert [row[0] for row in rows[1:]] == lefts
+    assert all(len(row) == 21 and all(math.isfinite(float(v)) for v in row[1:])
+               for row in rows[1:])
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,13 @@ through head.export (parity) and `python -m infer` (a valid submission, the figu
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import check_submission
 
 from extract.extract_features import main as extract
 from head.export import build_network
@@ -79,7 +78,7 @@ def whitened_run(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def test_a_whitening_run_exports_and_writes_a_submission(whitened_run: Path, synthetic: Path,
                                                           tmp_path: Path) -> None:
     head, checkpoint = load_checkpoint(whitened_run / "head.pt")
-    assert checkpoint["format_version"] == 4 and checkpoint["head_kind"] == "whitening"
+    assert checkpoint["format_version"] == 5 and checkpoint["head_kind"] == "whitening"
     assert checkpoint["views"] == ["identity", "hflip"]
     summary = json.loads((whitened_run / "config.json").read_text())
     # 8 training pairs are 16 images: 15 components
@@ -89,14 +88,7 @@ def test_a_whitening_run_exports_and_writes_a_submission(whitened_run: Path, syn
 
     model = export(whitened_run, out=tmp_path / "model.onnx")  # refused unless parity holds
     out = predict.main(model, synthetic, out=tmp_path / "submission.csv", device="cpu")
-    with open(synthetic / "test_candidates.csv", newline="") as f:
-        lefts = [row["left"] for row in csv.DictReader(f)]
-    with open(out, newline="") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["left"] + [f"c{i}" for i in range(20)]
-    assert [row[0] for row in rows[1:]] == lefts
-    assert all(len(row) == 21 and all(math.isfinite(float(v)) for v in row[1:])
-               for row in rows[1:])
+    check_submission(out, synthetic)
 
     # infer on the run's validation split gives the figures head.whiten reported (float16
     # features there, float32 images through the trunk here)
