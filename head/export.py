@@ -19,7 +19,7 @@ import torch
 
 from extract.backbones import GLOBAL, Trunk
 from extract.trunk_spec import TrunkSpec, file_id
-from head.model import Head, TLLNet, load_checkpoint
+from head.model import Ensemble, Head, TLLNet, load_checkpoint
 from infer.model_info import TRUNK_KEYS, ModelInfo
 from tll import UserError, UserPath, __version__, logger, user_errors
 from tll.files import atomic_output, check_output, file_kind, file_start
@@ -108,16 +108,16 @@ def describe(checkpoint: dict, net: TLLNet | None = None) -> dict[str, str]:
     info = model_info(checkpoint)
     if net is not None and has_maps(net):
         info = dataclasses.replace(info, maps={
-            "terms": [list(term) for term in net.head.terms()],
+            "terms": [list(term) for term in net.plain_heads()[0].terms()],
             "attention": [name for name in exported_outputs(net) if name.startswith("attention_")],
         })
     return info.to_props()
 
 
 def has_maps(net: TLLNet) -> bool:
-    """Whether the network's head says what its embedding is made of (a trained `Head`; a
-    whitening head does not)."""
-    return isinstance(net.head, Head)
+    """Whether the network's head says what its embedding is made of (a trained `Head` or an
+    `Ensemble` of them; a whitening head does not)."""
+    return isinstance(net.head, Head | Ensemble)
 
 
 def exported_outputs(net: TLLNet) -> list[str]:

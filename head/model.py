@@ -334,16 +334,20 @@ class TLLNet(nn.Module):
         outputs = [trunk.features(image) for trunk in self.trunks]  # one pass each
         return [outputs[trunk][output] for trunk, output in self.inputs]
 
+    def plain_heads(self) -> list[Head]:
+        """The plain heads whose maps `explain` gives: the head, or an ensemble's members."""
+        return list(self.head.members) if isinstance(self.head, Ensemble) else [self.head]
+
     def explained_outputs(self) -> list[str]:
         """The names `explain` returns, in order."""
-        config = self.head.config
+        config = self.plain_heads()[0].config
         return ["embedding", "cell_embeddings"] + [
             f"attention_{i}" for i, shape in enumerate(config.feature_shapes)
             if len(shape) == 3 and config.attention == "spatial"]
 
     def explain(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """The embedding and what it is made of, by the names the exported file gives them
-        (a `Head`'s; `head.export`):
+        (a `Head`'s or an `Ensemble`'s; `head.export`):
 
         embedding (N, D): `forward`'s, computed the same way.
         cell_embeddings (N, P, D), P and their order as `Head.terms()`: they sum to the
@@ -351,20 +355,34 @@ class TLLNet(nn.Module):
         term by term. With views, e = mean_v(e_v) / |mean_v(e_v)| and e_v = sum_k t_vk / |z_v|
         (z_v the view's FC output, t_vk its terms), so term k is
         sum_v t_vk / (|z_v| V |mean_v(e_v)|), the flipped view's cell (r, c) taken as the
-        image's (r, pool - 1 - c): the cells are in the image's own frame.
+        image's (r, pool - 1 - c): the cells are in the image's own frame. An ensemble's are its
+        members' concatenated and scaled by 1/sqrt(M), as their embeddings are
+        (`ensemble_embedding`): they sum to its embedding too.
         attention_<i> (N, h, w) for each map input i with spatial attention: its weights, the
-        flipped view's mirrored back, averaged over the views.
+        flipped view's mirrored back, averaged over the views (and over an ensemble's members).
         """
-        terms = self.head.terms()
-        mirrored = [terms.index((i, r, None if c is None else self.head.config.pool - 1 - c))
+        inputs = {view: self._head_inputs(image.flip(-1) if view == "hflip" else image)
+                  for view in self.views}  # one trunk pass per view, for every member
+        explained = [self._explain_head(head, inputs) for head in self.plain_heads()]
+        if len(explained) == 1:
+            return explained[0]
+        scale = math.sqrt(len(explained))
+        return {name: (torch.cat([e[name] for e in explained], dim=-1) / scale
+                       if name in ("embedding", "cell_embeddings")
+                       else sum(e[name] for e in explained) / len(explained))
+                for name in explained[0]}  # (N, M * D), (N, P, M * D), attentions (N, h, w)
+
+    def _explain_head(self, head: Head, inputs: dict[str, list[torch.Tensor]]
+                      ) -> dict[str, torch.Tensor]:
+        """`explain` for one plain head, from each view's head inputs."""
+        terms = head.terms()
+        mirrored = [terms.index((i, r, None if c is None else head.config.pool - 1 - c))
                     for i, r, c in terms]  # where each term of a flipped view goes
         names = self.explained_outputs()[2:]
         parts, attentions = [], {name: 0 for name in names}
         for view in self.views:
-            flip = view == "hflip"
-            z, view_terms, view_attentions = self.head.explain(
-                *self._head_inputs(image.flip(-1) if flip else image))  # (N, D), (N, P, D)
-            if flip:
+            z, view_terms, view_attentions = head.explain(*inputs[view])  # (N, D), (N, P, D)
+            if view == "hflip":
                 view_terms = view_terms[:, mirrored]
                 view_attentions = [a.flip(-1) for a in view_attentions]
             parts.append((z, view_terms))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from head.export import PARITY_TOLERANCE, build_network
-from head.model import Head, HeadConfig, SpatialAttention, TLLNet
+from head.model import Ensemble, EnsembleConfig, Head, HeadConfig, SpatialAttention, TLLNet
 from infer.session import open_session
 
 POOL = 2
@@ -96,6 +96,32 @@ def test_cell_embeddings_sum_to_the_embedding_and_split_any_cosine(views) -> Non
     torch.testing.assert_close((cells @ other).sum(dim=1), out["embedding"] @ other,
                                atol=1e-6, rtol=0)
     assert list(out) == ["embedding", "cell_embeddings", "attention_0"]
+
+
+def test_an_ensembles_maps_are_its_members_joined() -> None:
+    """An ensemble's cell embeddings are its members' concatenated / sqrt(M), as its embedding
+    is: they sum to the ensemble's embedding (so they split its cosine, the mean of the
+    members'), with two views too; its attention is the members' mean."""
+    members = [trained_looking_head(), trained_looking_head()]
+    with torch.no_grad():
+        for parameter in members[1].parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    ensemble = Ensemble(EnsembleConfig(members[0].config, ({"seed": 0, "fold": None},
+                                                           {"seed": 1, "fold": None})), members)
+    views = ("identity", "hflip")
+    model = TLLNet([PoolingTrunk()], ensemble.eval(), views, ((0, 0), (0, 1)))
+    alone = [TLLNet([PoolingTrunk()], head, views, ((0, 0), (0, 1))) for head in members]
+    with torch.no_grad():
+        out, parts = model.explain(images()), [m.explain(images()) for m in alone]
+        torch.testing.assert_close(out["embedding"], model(images()), atol=1e-6, rtol=0)
+    cells = out["cell_embeddings"]  # (N, P, 2 D)
+    assert cells.shape == (3, POOL ** 2 + 2, 16)
+    torch.testing.assert_close(cells.sum(dim=1), out["embedding"], atol=1e-6, rtol=0)
+    joined = torch.cat([p["cell_embeddings"] for p in parts], dim=2) / 2 ** 0.5
+    torch.testing.assert_close(cells, joined, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["attention_0"],
+                               (parts[0]["attention_0"] + parts[1]["attention_0"]) / 2,
+                               atol=1e-6, rtol=0)
 
 
 def test_the_flipped_view_is_folded_into_the_images_frame() -> None:

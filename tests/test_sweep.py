@@ -153,3 +153,22 @@ def test_params_narrow_the_default_space() -> None:
     space = search_space(["lr=1e-3", "pool=1:2"])
     assert space["lr"] == Space(choices=(1e-3,)) and space["pool"] == Space(1, 2)
     assert space["margin"] == SEARCH_SPACE["margin"]
+
+
+def test_jobs_run_the_trials_side_by_side_and_score_them_as_one_process(
+        train_cache: Path, tmp_path: Path) -> None:
+    """--jobs 2: two worker processes share the trials of one study; every trial completes and
+    scores what training its config in this process scores."""
+    runs = tmp_path / "runs"
+    code, text = sweep(train_cache, runs, "--trials", "3", "--jobs", "2", "--sampler-seed", "0",
+                       "--param", "attention=none,spatial", "--param", "lr=1e-4:1e-2:log")
+    assert code == 0, text
+    trials = study_trials(runs, "r50-3fold")
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    assert sorted(t.user_attrs["job"] for t in trials) == [0, 0, 1]  # 2 trials and 1
+    for trial in trials[:2]:
+        run = train(train_cache, name=f"t{trial.number}", runs_dir=tmp_path / "check", folds=3,
+                    device="cpu", patience=3, **trial.params)
+        best = json.loads((run / "config.json").read_text())["best"]
+        assert best["top2_assigned"] == pytest.approx(trial.value, abs=1e-12)
