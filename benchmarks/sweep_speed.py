@@ -16,6 +16,7 @@ a head.
 from __future__ import annotations
 
 import contextlib
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -45,13 +46,20 @@ def before_issue_21():
         sweep.PRUNER_WARMUP_EPOCHS = saved
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (--jobs' workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def run_sweep(cache: Path, trials: int, folds: int, sampler_seed: int, patience: int,
-              params: tuple[str, ...], scratch: Path) -> dict:
-    started, cpu_started = time.perf_counter(), time.process_time()
+              params: tuple[str, ...], scratch: Path, jobs: int = 1) -> dict:
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     out = sweep.main(cache, trials=trials, folds=folds, study="bench", runs_dir=scratch,
-                     sampler_seed=sampler_seed, device="cpu", patience=patience, params=params)
+                     sampler_seed=sampler_seed, device="cpu", patience=patience, params=params,
+                     jobs=jobs)
     minutes = (time.perf_counter() - started) / 60
-    cpu_minutes = (time.process_time() - cpu_started) / 60
+    cpu_minutes = (cpu_seconds() - cpu_started) / 60
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{scratch / 'sweeps.db'}")
     states = [t.state for t in study.trials]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -76,41 +84,50 @@ def run_sweep(cache: Path, trials: int, folds: int, sampler_seed: int, patience:
 @click.option("--sampler-seed", type=int, default=0)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads [default: torch's].")
+@click.option("--jobs", type=click.IntRange(min=2), default=None,
+              help="Also the sweep now with --jobs N (its figure is the wall clock's: N "
+                   "processes take no less CPU time, they use more cores).")
 @click.option("--only", type=click.Choice(["before", "now"]), default=None,
               help="Run one of the two sweeps (two processes side by side, each on its own "
                    "core, take half the wall time; compare their CPU-time figures).")
 def cli(cache: Path, trials: int, folds: int, sampler_seed: int, threads: int | None,
-        only: str | None) -> None:
+        jobs: int | None, only: str | None) -> None:
     """Trials per minute of head.sweep now against before issue 21, same study settings."""
     if threads:
         torch.set_num_threads(threads)
     click.echo(common.environment())
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, patience, params, context in (
-                ("before issue 21", 0, ("amp=false",), before_issue_21()),
-                ("now (defaults)", sweep.DEFAULT_PATIENCE, (), contextlib.nullcontext())):
+        sweeps = [("before issue 21", 0, ("amp=false",), before_issue_21(), 1),
+                  ("now (defaults)", sweep.DEFAULT_PATIENCE, (), contextlib.nullcontext(), 1)]
+        if jobs:
+            sweeps.append((f"now, --jobs {jobs}", sweep.DEFAULT_PATIENCE, (),
+                           contextlib.nullcontext(), jobs))
+        for number, (name, patience, params, context, processes) in enumerate(sweeps):
             if only and not name.startswith(only):
                 continue
             with context:
                 result = run_sweep(cache, trials, folds, sampler_seed, patience, params,
-                                   Path(scratch) / name.split()[0])
+                                   Path(scratch) / str(number), processes)
             click.echo(f"{name}: {result}")
             rows.append([name, result["trials"], result["complete"], result["pruned"],
                          result["epochs"], result["minutes"], result["per_minute"],
                          result["per_cpu_minute"], result["best"]])
     if only:
         return
-    ratios = [rows[1][column] / rows[0][column] for column in (6, 7)]
-    rows[1] += [*ratios, common.verdict(ratios[1], TARGET_RATIO)]
     rows[0] += ["", "", ""]
+    for row in rows[1:]:
+        ratios = [row[column] / rows[0][column] for column in (6, 7)]
+        row += [*ratios, common.verdict(ratios[1] if row is rows[1] else ratios[0],
+                                        TARGET_RATIO)]
     click.echo(f"\n{cache}, {folds} folds, --sampler-seed {sampler_seed}, {trials} trials each")
     click.echo(common.table(["sweep", "trials", "complete", "pruned", "epochs trained",
                              "minutes", "trials/min", "trials/CPU min",
                              "best top-2 (trial, epoch)", "ratio", "ratio (CPU)",
                              f"target >= {TARGET_RATIO:g}"], rows))
-    click.echo("trials/CPU min: per minute of this process's CPU time, which other jobs on a "
-               "shared machine disturb far less than the wall clock; the verdict uses it")
+    click.echo("trials/CPU min: per minute of this process's CPU time (and its workers'), which "
+               "other jobs on a shared machine disturb far less than the wall clock; the verdict "
+               "uses it, and the wall clock's for --jobs")
 
 
 if __name__ == "__main__":
