@@ -275,9 +275,9 @@ def run_trials(study: optuna.Study, study_name: str, storage: str, caches: list[
 def _run_jobs(jobs: int, trials: int, sampler_seed: int | None, work: dict) -> set[int]:
     """`trials` trials shared by `jobs` worker processes on one study (Optuna's own parallel
     mode: its storage hands out the trials), each on its share of torch's threads and of the
-    memory budget; returns the numbers of the trials they ran. On a 2-core CPU two processes of
-    one thread each run more trials a minute than one process on both (an epoch's small
-    operations do not scale to two threads)."""
+    memory budget; returns the numbers of the trials they ran. Trials are independent, so
+    processes scale with cores where an epoch's small operations gain little from more
+    threads."""
     import concurrent.futures
     import multiprocessing
 
@@ -551,8 +551,9 @@ def _plot(study: optuna.Study, work: Path) -> None:
                    "epoch is its score, as without); 0: every trial trains its drawn --epochs.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1,
               help="Worker processes that run the trials side by side, on one study, each with "
-                   "its share of torch's threads and of the memory budget (2 on a 2-core CPU: "
-                   "about 1.7x the trials a minute).")
+                   "its share of torch's threads and of the memory budget; on a CPU, one per "
+                   "core or two (an epoch's small operations gain little from a second "
+                   "thread).")
 @click.option("--sampler-seed", type=int, default=None,
               help="Seeds TPE's sampling (with --jobs, worker k takes the seed + k; "
                    "processes given one seed would sample alike).")
