@@ -257,7 +257,9 @@ def whitening_fusion(prepared: Prepared, config: TrainConfig, weights: list[floa
     fitted on the fold's training images only."""
     history, heads = cross_validate_heads(prepared.folds, prepared.head_config(config), config,
                                           progress=False, keep_heads=True)
-    chosen = best_epoch(history, config)["epoch"]
+    best = best_epoch(history, config)
+    chosen, figure = best["epoch"], selection_figure(config)
+    trained_figures = [record[figure] for record in best.get("folds", [best])]
     records = {weight: [] for weight in weights}
     for number, (fold, head) in enumerate(zip(prepared.folds, heads, strict=True)):
         fold = views_used(fold, config)
@@ -267,9 +269,9 @@ def whitening_fusion(prepared: Prepared, config: TrainConfig, weights: list[floa
         for weight in weights:
             records[weight].append(evaluate(fused_with_whitening(trained, whitened, weight),
                                             fold, config.assign, config.assign_temperature))
-        click.echo(f"  fold {number}: " + ", ".join(
-            f"w {weight} {rows[-1][selection_figure(config)]:.3f}"
-            for weight, rows in records.items()), err=True)
+        # w = 0 re-embeds the kept head: it must score what training validated
+        click.echo(f"  fold {number}: in training {trained_figures[number]:.3f}; " + ", ".join(
+            f"w {weight} {rows[-1][figure]:.3f}" for weight, rows in records.items()), err=True)
     return records, chosen
 
 
