@@ -7,6 +7,8 @@ the fusion table in the README. Quality, not speed, though seconds per epoch are
         --combination NAME[+NAME...] [...]
     .venv/bin/python benchmarks/compare_configs.py ensembles --cache NAME=PATH [--cache ...] \\
         [--seeds 5] [--rows seeds] [--rows fold-heads]
+    .venv/bin/python benchmarks/compare_configs.py whiten-fusion --cache NAME=PATH [...] \\
+        [--weight 0 --weight 0.1 ...]
 
 `levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
 images as they are), the levers one at a time and together, and the head the sweep found, on
@@ -16,7 +18,11 @@ alone, or several fused). `ensembles` runs, on each cache, the whitened baseline
 the final head (head.train --keep-fold-heads), which k-fold cannot score (each fold head trained
 on the other folds' validation pairs): nested, each outer fold's training pairs cut into K inner
 folds whose heads, at the epoch the inner folds chose, join a final head trained on all of them,
-and the outer fold's pairs score both.
+and the outer fold's pairs score both. `whiten-fusion` fuses, per fold, the default head (each
+fold's head at the epoch the mean chose) with head.whiten's whitening (fitted on that fold's
+training images) at the score level: cosine (1 - w) head + w whitened for each `--weight` w,
+with each w's paired difference to w = 0 and, since choosing w on the folds that score it is
+optimistic, a w chosen per fold on the other folds' figures.
 Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
 each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
 epoch by that mean, after the default assignment, +- its standard error; the plain top-2 beside
@@ -33,17 +39,18 @@ import click
 import common  # noqa: F401  (sets TQDM_DISABLE before the project's modules import tqdm)
 
 from head.config import TrainConfig
-from head.figures import best_epoch, summarize
-from head.folds import Prepared, make_fold, prepare
+from head.figures import best_epoch, evaluate, selection_figure, summarize
+from head.folds import Prepared, make_fold, prepare, views_used
 from head.model import ensemble_of
 from head.train import (
     SeedTrainers,
     cross_validate,
     cross_validate_heads,
+    embed,
     final_and_fold_members,
     validate,
 )
-from head.whiten import score_whitening
+from head.whiten import fused_with_whitening, score_whitening, whitened_embeddings
 from tll.data import fold_splits
 
 # the levers of issue 12 one at a time, on the head before them
@@ -240,6 +247,86 @@ def ensembles(named: tuple[str, ...], seeds: int, parts: tuple[str, ...], folds:
             for label, per_fold in records.items():
                 lines.append(f"| {name} | nested: {label} | {cells(summarize(per_fold))} | "
                              f"{'/'.join(map(str, chosen))} | {seconds:.0f} |")
+    click.echo("\n".join(lines))
+
+
+def whitening_fusion(prepared: Prepared, config: TrainConfig, weights: list[float]
+                     ) -> tuple[dict[float, list[dict]], int]:
+    """Each fold's validation figures at each whitening weight w (cosine (1 - w) head +
+    w whitened), the head at the epoch the folds' mean chose (returned too), the whitening
+    fitted on the fold's training images only."""
+    history, heads = cross_validate_heads(prepared.folds, prepared.head_config(config), config,
+                                          progress=False, keep_heads=True)
+    best = best_epoch(history, config)
+    chosen, figure = best["epoch"], selection_figure(config)
+    trained_figures = [record[figure] for record in best.get("folds", [best])]
+    records = {weight: [] for weight in weights}
+    for number, (fold, head) in enumerate(zip(prepared.folds, heads, strict=True)):
+        fold = views_used(fold, config)
+        trained = embed(head, fold.features, fold.val_images, config.batch_size)  # (M, D)
+        whitening, _ = score_whitening(fold, config)
+        whitened = whitened_embeddings(whitening, fold.features, fold.val_images)  # (M, k)
+        for weight in weights:
+            records[weight].append(evaluate(fused_with_whitening(trained, whitened, weight),
+                                            fold, config.assign, config.assign_temperature))
+        # w = 0 re-embeds the kept head: it must score what training validated
+        click.echo(f"  fold {number}: in training {trained_figures[number]:.3f}; " + ", ".join(
+            f"w {weight} {rows[-1][figure]:.3f}" for weight, rows in records.items()), err=True)
+    return records, chosen
+
+
+def paired(values: list[float], baseline: list[float]) -> str:
+    """The mean difference over folds +- its standard error (of the per-fold differences)."""
+    difference = summarize([{"d": a - b} for a, b in zip(values, baseline, strict=True)])
+    return f"{difference['d']:+.3f} +- {difference['d_se']:.3f}"
+
+
+def chosen_on_other_folds(per_fold: dict[float, list[float]]) -> tuple[list[float], list[float]]:
+    """For each fold, the weight with the best mean figure over the other folds (the first such
+    weight), and that weight's figure on the fold: (weights, figures)."""
+    folds = len(next(iter(per_fold.values())))
+    weights, figures = [], []
+    for k in range(folds):
+        best = max(per_fold, key=lambda w: sum(v for i, v in enumerate(per_fold[w]) if i != k))
+        weights.append(best)
+        figures.append(per_fold[best][k])
+    return weights, figures
+
+
+@cli.command("whiten-fusion")
+@click.option("--cache", "named", multiple=True, required=True, metavar="NAME=PATH",
+              help="A cache and its name in the table; repeat for rows of each.")
+@click.option("--weight", "weights", type=click.FloatRange(0, 1), multiple=True,
+              default=(0.0, 0.1, 0.25, 0.5), show_default=True,
+              help="The whitened cosine's weight w (repeat); w = 0 is the head alone.")
+@common_options
+def whiten_fusion(named: tuple[str, ...], weights: tuple[float, ...], folds: int, epochs: int,
+                  seed: int, split_seed: int) -> None:
+    """The default head's cosine fused with the whitened one, (1 - w) head + w whitened, per
+    fold; each w's figures, its paired difference to w = 0, and w chosen on the other folds."""
+    weights = sorted(set(weights) | {0.0})
+    click.echo(f"\nwhitening fused with the head: {folds}-fold, {epochs} epochs, seed {seed}, "
+               f"split seed {split_seed}\n")
+    lines = ["| cache | w (whitened) | top-2, assigned | top-2, plain | assigned - (w = 0), "
+             "paired | epoch | seconds |", "|---|---|---|---|---|---|---|"]
+    for text in named:
+        name, path = text.split("=", 1)
+        base = TrainConfig(caches=(path,), name="compare", folds=folds, epochs=epochs,
+                           seed=seed, split_seed=split_seed, device="cpu")
+        started = time.perf_counter()
+        records, chosen = whitening_fusion(prepare([Path(path)], base), base, weights)
+        seconds = time.perf_counter() - started
+        figure = selection_figure(base)
+        per_fold = {w: [r[figure] for r in rows] for w, rows in records.items()}
+        for weight, rows in records.items():
+            lines.append(f"| {name} | {weight:g} | {cells(summarize(rows))} | "
+                         f"{paired(per_fold[weight], per_fold[0.0])} | {chosen} | "
+                         f"{seconds:.0f} |")
+        picked, figures = chosen_on_other_folds(per_fold)
+        selected = summarize([{"f": f} for f in figures])
+        lines.append(f"| {name} | chosen on the other folds ({'/'.join(f'{w:g}' for w in picked)})"
+                     f" | {selected['f']:.3f} +- {selected['f_se']:.3f} | - | "
+                     f"{paired(figures, per_fold[0.0])} | {chosen} | (same) |")
     click.echo("\n".join(lines))
 
 

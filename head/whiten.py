@@ -142,6 +142,17 @@ def whitened_embeddings(head: WhiteningHead, features: list[torch.Tensor],
     return F.normalize(embeddings.mean(dim=1), dim=1).cpu().numpy()
 
 
+def fused_with_whitening(head_embeddings: np.ndarray, whitened: np.ndarray,
+                         weight: float) -> np.ndarray:
+    """Unit embeddings (M, D) and (M, k) of the same images joined as [sqrt(1 - w) head,
+    sqrt(w) whitened], (M, D + k): unit norm, and the cosine of two is (1 - w) their heads'
+    cosine + w their whitened cosine, so `evaluate` scores the fused cosine as it is."""
+    if not 0 <= weight <= 1:
+        raise ValueError(f"the whitening's weight must lie in [0, 1], got {weight}")
+    return np.concatenate([np.sqrt(1 - weight) * head_embeddings, np.sqrt(weight) * whitened],
+                          axis=1)
+
+
 def training_rows(fold: Fold) -> torch.Tensor:
     """Every image of a fold's training pairs, once: (n,) rows."""
     return torch.unique(torch.cat([fold.train_left, fold.train_right]))

@@ -15,7 +15,12 @@ from extract.extract_features import main as extract
 from head.export import build_network
 from head.export import main as export
 from head.model import load_checkpoint
-from head.whiten import DEFAULT_COMPONENTS, fit_whitening, whitened_embeddings
+from head.whiten import (
+    DEFAULT_COMPONENTS,
+    fit_whitening,
+    fused_with_whitening,
+    whitened_embeddings,
+)
 from head.whiten import main as whiten
 from infer import predict
 
@@ -95,3 +100,24 @@ def test_a_whitening_run_exports_and_writes_a_submission(whitened_run: Path, syn
     report = predict.main(model, synthetic, split="val", out=tmp_path / "val.json", device="cpu")
     figures = json.loads(report.read_text())["metrics"]
     assert figures["top2"] == pytest.approx(summary["whitened"]["top2"], abs=1 / 20 + 1e-9)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1, 0.25, 0.5, 1.0])
+def test_fused_cosine_is_the_weighted_mean_of_the_two_cosines(weight: float) -> None:
+    generator = np.random.default_rng(0)
+    trained = generator.normal(size=(7, 5))  # (M, D)
+    whitened = generator.normal(size=(7, 3))  # (M, k), another width
+    trained /= np.linalg.norm(trained, axis=1, keepdims=True)
+    whitened /= np.linalg.norm(whitened, axis=1, keepdims=True)
+    fused = fused_with_whitening(trained, whitened, weight)  # (M, D + k)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, atol=1e-12)
+    for i in range(7):
+        for j in range(7):
+            expected = (1 - weight) * trained[i] @ trained[j] + weight * whitened[i] @ whitened[j]
+            assert fused[i] @ fused[j] == pytest.approx(expected, abs=1e-12)
+
+
+def test_fusion_refuses_a_weight_outside_0_1() -> None:
+    unit = np.eye(2)
+    with pytest.raises(ValueError, match="1.5"):
+        fused_with_whitening(unit, unit, 1.5)
