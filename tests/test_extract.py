@@ -9,6 +9,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -454,6 +455,14 @@ def done_rows(partial: Path) -> int | None:
         return None
 
 
+def progress_rows(log: Path) -> int | None:
+    """How many images an extraction's progress bar (in its `log`) last showed done, or None
+    before it shows any. The bar moves after a batch's rows are written and flushed; reading it
+    never races the writer as reading the HDF5 file being written can."""
+    counts = re.findall(r"(\d+)/\d+ \[", log.read_text(errors="replace"))
+    return int(counts[-1]) if counts else None
+
+
 def stop_midway(start: Callable[[], subprocess.Popen], rows_done: Callable[[], int | None],
                 window: range, stop: Callable[[subprocess.Popen], None], log: Path,
                 what: str) -> subprocess.Popen:
@@ -494,8 +503,8 @@ def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.P
         process.send_signal(sig)
         process.wait(timeout=120)
 
-    return stop_midway(start_afresh, lambda: done_rows(partial) if partial.exists() else None,
-                       range(8, total), stop, log, "it could be interrupted")
+    return stop_midway(start_afresh, lambda: progress_rows(log), range(8, total), stop, log,
+                       "it could be interrupted")
 
 
 def assert_same_cache(path: Path, reference: Path) -> None:
