@@ -308,6 +308,9 @@ def _run(ranks: Ranks | None, trunk: Trunk, writers: list[CacheWriter], outs: li
                         raise
                     error = caught
                 bar.update(done if ranks is None else agree(error, done))
+        if ranks is not None:
+            with together():  # every shard closed, its lock released, before rank 0 takes it in
+                held.close()
 
 
 def _computed(trunk: Trunk, paths: list[Path], blocks: list[np.ndarray], device: torch.device,

@@ -50,13 +50,16 @@ def extract_arguments(data: Path, out: Path) -> list[str]:
             "--device", "cpu", "--no-hflip"]
 
 
-def start(launcher: list[str], data: Path, out: Path, log: Path) -> subprocess.Popen:
+def start(launcher: list[str], data: Path, out: Path, log: Path,
+          first_on_path: Path | None = None) -> subprocess.Popen:
     """`torchrun LAUNCHER -m extract ...` (no launcher: plain `python -m extract`), output into
     `log`; OMP_NUM_THREADS=1 (set by conftest) is inherited, so every process computes each block
-    with the same arithmetic."""
+    with the same arithmetic. `first_on_path` goes before the repository on PYTHONPATH (e.g. for a
+    sitecustomize.py that slows a rank down)."""
     torchrun = ["-m", "torch.distributed.run", *launcher] if launcher else []
     command = [sys.executable, *torchrun, "-m", "extract", *extract_arguments(data, out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    path = [str(first_on_path)] if first_on_path else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(REPO_ROOT)])}
     with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the children
         return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
@@ -106,6 +109,33 @@ def test_two_processes_write_the_single_process_cache(
     assert f"{total}/{total} [" in output
     assert "22 blocks of up to 4 images dealt out to 2 processes (gloo)" in output
     assert f"took {total} images from 2 shards" in output
+
+
+# rank 1 closes its shard two seconds late: rank 0 must wait for it before taking the shard in
+SLOW_SHARD_CLOSE = """
+import os
+if os.environ.get("RANK") == "1":
+    import time
+    from extract.cache import ShardWriter
+    close = ShardWriter.close
+    def late_close(self):
+        time.sleep(2)
+        close(self)
+    ShardWriter.close = late_close
+"""
+
+
+@pytest.mark.slow
+def test_the_shards_are_taken_in_once_every_rank_has_closed_its_own(
+    synthetic: Path, reference: Path, tmp_path: Path
+) -> None:
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_SHARD_CLOSE)
+    out, log = tmp_path / "x.h5", tmp_path / "run.log"
+    output = finished(start(on_one_machine(2), synthetic, out, log, first_on_path=slow), log)
+    assert output.splitlines().count(str(out)) == 2, output
+    assert_same_cache(out, reference)
 
 
 def kill_rank_midway(data: Path, out: Path, log: Path) -> subprocess.Popen:
