@@ -197,7 +197,8 @@ def nested_fold_heads(prepared: Prepared, config: TrainConfig
         records["fold heads"].append(
             validate(ensemble_of(fold_heads, members[config.seeds:]), outer, config, chosen))
         records["final + fold heads"].append(
-            validate(ensemble_of([final.head, *fold_heads], members), outer, config, chosen))
+            validate(ensemble_of([final.trained_head, *fold_heads], members), outer, config,
+                     chosen))
         epochs.append(chosen)
         click.echo(f"  outer fold {number}: epoch {chosen}, " + ", ".join(
             f"{name} {rows[-1]['top2_assigned']:.3f}" for name, rows in records.items()),

@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0  # draws the initialisation and the batch order
     seeds: int = 1  # heads trained, seeds seed .. seed + seeds - 1, kept as one ensemble
     keep_fold_heads: bool = False  # with folds: the folds' heads join the final one(s)
+    # the whitened cosine's share w: the run's head is the trained one fused with a PCA
+    # whitening of its training images (head.model.Fused), validated as such; 0: the head alone
+    whitened_weight: float = 0.0
     device: str = "auto"
     # bytes of train features held in memory on the device, beyond which a cache is streamed
     # (head.stream); None: a share of the memory available. Never changes the figures
@@ -84,6 +87,9 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--seeds {config.seeds}: train at least 1 head")
     if config.keep_fold_heads and not config.folds:
         raise UserError("--keep-fold-heads keeps the heads of --folds K: give --folds too")
+    if not 0 <= config.whitened_weight < 1:  # NaN too
+        raise UserError(f"--whitened-weight {config.whitened_weight}: give the whitened "
+                        "cosine's share in [0, 1) (0: the trained head alone)")
 
 
 def head_config_for(feature_shapes: Sequence[tuple[int, ...]],
@@ -214,6 +220,15 @@ TRAIN_OPTIONS: dict[str, click.Option] = {option.name: option for option in [
                  help="With --folds K: add the K folds' heads, at the chosen epoch, to the "
                       "final head(s) in the run's ensemble. Its figures cannot be validated: each "
                       "fold head trained on the other folds' validation pairs."),
+    click.Option(["--whitened-weight"], type=click.FloatRange(min=0, max=1, max_open=True),
+                 default=_defaults["whitened_weight"],
+                 help="w > 0: fuse the trained head (or its ensemble) with a PCA whitening of "
+                      "the pooled trunk features (head.whiten's, its default components), fitted "
+                      "on the "
+                      "same training images: the run's cosine is (1 - w) x the head's + w x the "
+                      "whitened one. Validation scores the fused model every epoch (each fold "
+                      "with its own whitening), so it also picks the kept epoch; the exported "
+                      "model holds both. 0: the trained head alone."),
     click.Option(["--device"], type=click.Choice(["auto", "cuda", "cpu"]),
                  default=_defaults["device"]),
     click.Option(["--memory-budget"], type=ByteSize(), default=_defaults["memory_budget"],

@@ -19,7 +19,7 @@ import torch
 
 from extract.backbones import GLOBAL, Trunk
 from extract.trunk_spec import TrunkSpec, file_id
-from head.model import Ensemble, Head, TLLNet, load_checkpoint
+from head.model import TLLNet, load_checkpoint
 from infer.model_info import TRUNK_KEYS, ModelInfo
 from tll import UserError, UserPath, __version__, logger, user_errors
 from tll.files import atomic_output, check_output, file_kind, file_start
@@ -106,23 +106,17 @@ def describe(checkpoint: dict, net: TLLNet | None = None) -> dict[str, str]:
     """The metadata_props of the exported file (`ModelInfo.to_props`), with what its maps are
     where `net` gives them (`exported_outputs`)."""
     info = model_info(checkpoint)
-    if net is not None and has_maps(net):
+    if net is not None and net.has_maps():
         info = dataclasses.replace(info, maps={
-            "terms": [list(term) for term in net.plain_heads()[0].terms()],
+            "terms": [list(term) for term in net.terms()],
             "attention": [name for name in exported_outputs(net) if name.startswith("attention_")],
         })
     return info.to_props()
 
 
-def has_maps(net: TLLNet) -> bool:
-    """Whether the network's head says what its embedding is made of (a trained `Head` or an
-    `Ensemble` of them; a whitening head does not)."""
-    return isinstance(net.head, Head | Ensemble)
-
-
 def exported_outputs(net: TLLNet) -> list[str]:
     """The exported file's outputs, by name: the embedding, then `TLLNet.explain`'s maps."""
-    return net.explained_outputs() if has_maps(net) else ["embedding"]
+    return net.explained_outputs() if net.has_maps() else ["embedding"]
 
 
 class Explained(torch.nn.Module):
@@ -172,7 +166,7 @@ def main(run: str | Path, out: str | Path | None = None, weights: list[str | Pat
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's own chatter
             program = torch.onnx.export(
-                Explained(net) if has_maps(net) else net, (example,), input_names=["image"],
+                Explained(net) if net.has_maps() else net, (example,), input_names=["image"],
                 output_names=outputs,
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
                 dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
@@ -201,7 +195,7 @@ def check_parity(net: TLLNet, path: Path, input_size: tuple[int, int]) -> None:
     for batch in PARITY_BATCHES:
         images = torch.rand(batch, 3, *input_size, generator=generator)
         with torch.no_grad():
-            expected = (net.explain(images) if has_maps(net)
+            expected = (net.explain(images) if net.has_maps()
                         else {"embedding": net(images)})  # name -> (batch, ...)
         got = dict(zip(names, session.run(names, {"image": images.numpy()}), strict=True))
         for name in expected:

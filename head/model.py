@@ -8,7 +8,10 @@ layer norm -> GELU); the results are concatenated -> [dropout] -> one fully conn
 L2-normalised embedding. It takes one input per trunk, maps and vectors in any mix, so several
 caches can feed one model. With `features_dim` 0 and `dropout` 0 a map head is the head of
 checkpoint format 1, weight for weight. `Ensemble`: several heads of one config as one head
-(head.train --seeds, --keep-fold-heads), their unit embeddings concatenated / sqrt(M).
+(head.train --seeds, --keep-fold-heads), their unit embeddings concatenated / sqrt(M). `Fused`: a
+head or an ensemble beside a PCA whitening of the same inputs (head.train --whitened-weight w),
+[sqrt(1 - w) trained, sqrt(w) whitened]. Both are joins of unit parts whose cosine is the weighted
+mean of the parts' cosines: `mean_of_views` and `TLLNet.explain` keep that, part by part.
 
 The two batch norms are there because raw trunk features are large and share one dominant
 direction (random-init ResNet50 layer4 values reach 265; pooled maps have a mean pairwise cosine
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +33,18 @@ from torch import nn
 
 from tll import UserError, first_line
 
+if TYPE_CHECKING:
+    from head.whiten import WhiteningConfig
+
 ATTENTIONS = ("spatial", "channel", "none")
-CHECKPOINT_VERSION = 5  # 2: features layer, dropout; 3: the views, and a list of caches;
-# 4: the head's kind ("trained", or "whitening": head.whiten); 5: the kind "ensemble"
+CHECKPOINT_VERSION = 6  # 2: features layer, dropout; 3: the views, and a list of caches;
+# 4: the head's kind ("trained", or "whitening": head.whiten); 5: the kind "ensemble";
+# 6: the kind "fused" (head.train --whitened-weight)
 # every format this code still loads: format 1 is format 2 without a features layer or dropout
 # (the same modules, the same state-dict keys), format 2 is format 3 on one view and one cache,
-# format 3 is format 4 with a trained head, format 4 is format 5 without ensembles
-READABLE_CHECKPOINTS = (1, 2, 3, 4, 5)
+# format 3 is format 4 with a trained head, format 4 is format 5 without ensembles, format 5 is
+# format 6 without fused heads
+READABLE_CHECKPOINTS = (1, 2, 3, 4, 5, 6)
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,7 @@ class GridMaxPool(nn.Module):
 
 class Head(nn.Module):
     kind = "trained"  # what a checkpoint calls it (head.whiten's WhiteningHead: "whitening";
-    # an Ensemble of heads: "ensemble")
+    # an Ensemble of heads: "ensemble"; a head or ensemble Fused with a whitening: "fused")
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -266,15 +275,20 @@ class Ensemble(nn.Module):
                              "exactly those")
         self.members = nn.ModuleList(heads)
 
+    @property
+    def parts(self) -> list[Head]:
+        """The heads whose embeddings `join` joins, in order."""
+        return list(self.members)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The members' unit embeddings (..., D) each -> (..., M * D), concatenated / sqrt(M):
+        unit norm, and the dot product of two is the mean of the members' cosines. Applied to
+        terms that sum to each member's embedding (`TLLNet.explain`), it gives terms that sum to
+        the ensemble's."""
+        return torch.cat(parts, dim=-1) / math.sqrt(len(parts))
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        embeddings = torch.stack([head(*features) for head in self.members], dim=1)  # (B, M, D)
-        return ensemble_embedding(embeddings)
-
-
-def ensemble_embedding(members: torch.Tensor) -> torch.Tensor:
-    """(B, M, D) unit embeddings of M members -> (B, M * D), concatenated / sqrt(M): unit norm,
-    and the dot product of two is the mean of the members' cosines."""
-    return members.flatten(1) / math.sqrt(members.shape[1])
+        return self.join([head(*features) for head in self.members])  # (B, M * D)
 
 
 def ensemble_of(heads: list[nn.Module], members: list[dict]) -> nn.Module:
@@ -286,15 +300,125 @@ def ensemble_of(heads: list[nn.Module], members: list[dict]) -> nn.Module:
     return Ensemble(EnsembleConfig(plain[0].config, tuple(members)), plain)
 
 
+@dataclass(frozen=True)
+class FusedConfig:
+    # the trained part: a Head ("trained") or an Ensemble ("ensemble"), and its config
+    inner_kind: str
+    inner: HeadConfig | EnsembleConfig
+    whitening: WhiteningConfig
+    weight: float  # the whitened cosine's share w, in (0, 1)
+    embedding_dim: int = 0  # the inner's + the whitening's, set from them
+
+    def __post_init__(self):
+        if self.inner_kind not in (Head.kind, Ensemble.kind):
+            raise ValueError(f"a fused head's trained part is a {Head.kind!r} or an "
+                             f"{Ensemble.kind!r} head, not {self.inner_kind!r}")
+        if not 0 < self.weight < 1:
+            raise ValueError(f"the whitening's weight must lie in (0, 1), got {self.weight}")
+        inner = config_of(self.inner_kind, self.inner)  # as a checkpoint holds them: dicts
+        whitening = config_of("whitening", self.whitening)
+        width = inner.embedding_dim + whitening.embedding_dim
+        if self.embedding_dim not in (0, width):
+            raise ValueError(f"embedding_dim {self.embedding_dim} is not {inner.embedding_dim} "
+                             f"+ {whitening.embedding_dim}")
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "whitening", whitening)
+        object.__setattr__(self, "embedding_dim", width)
+
+
+class Fused(nn.Module):
+    """A trained head (or an Ensemble) and a PCA whitening (`head.whiten.WhiteningHead`) on the
+    same inputs, as one head (head.train --whitened-weight w): [sqrt(1 - w) trained,
+    sqrt(w) whitened] (B, D + k), a unit embedding whose cosine with another is (1 - w) x the
+    trained cosine + w x the whitened cosine."""
+
+    kind = "fused"
+
+    def __init__(self, config: FusedConfig, inner: nn.Module | None = None,
+                 whitening: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.inner = build_head(config.inner_kind, config.inner) if inner is None else inner
+        self.whitening = (build_head("whitening", config.whitening) if whitening is None
+                          else whitening)
+        if (self.inner.kind, self.inner.config, self.whitening.config) != \
+                (config.inner_kind, config.inner, config.whitening):
+            raise ValueError("a fused head takes the trained head and the whitening its config "
+                             "describes")
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        """The trained part and the whitening, in the order `join` joins them."""
+        return [self.inner, self.whitening]
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The trained part's and the whitening's unit embeddings (..., D), (..., k) ->
+        (..., D + k), [sqrt(1 - w) trained, sqrt(w) whitened]: unit norm, and the dot product of
+        two is (1 - w) x the trained cosine + w x the whitened cosine
+        (`head.whiten.fused_with_whitening`). Applied to terms that sum to each part's
+        embedding (`TLLNet.explain`), it gives terms that sum to the fused one."""
+        trained, whitened = parts
+        weight = self.config.weight
+        return torch.cat([trained * math.sqrt(1 - weight), whitened * math.sqrt(weight)], dim=-1)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.join([self.inner(*features), self.whitening(*features)])  # (B, D + k)
+
+
+def with_whitening(head: nn.Module, whitening: nn.Module | None, weight: float) -> nn.Module:
+    """`head` (a Head or an Ensemble) fused with `whitening` at `weight` (`Fused`), the whitening
+    moved to the head's device; at weight 0 the head itself."""
+    if not weight:
+        return head
+    whitening = whitening.to(next(head.parameters()).device)
+    return Fused(FusedConfig(head.kind, head.config, whitening.config, weight), head, whitening)
+
+
+def head_kinds() -> dict[str, tuple[type, type]]:
+    """Each head kind a checkpoint names -> (its config class, its module)."""
+    from head.whiten import WhiteningConfig, WhiteningHead  # it imports this module
+
+    return {Head.kind: (HeadConfig, Head), Ensemble.kind: (EnsembleConfig, Ensemble),
+            WhiteningHead.kind: (WhiteningConfig, WhiteningHead),
+            Fused.kind: (FusedConfig, Fused)}
+
+
+def config_of(kind: str, config: object) -> object:
+    """A head kind's config, from the dict a checkpoint holds or already one."""
+    kinds = head_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown head kind {kind!r}")
+    config_class = kinds[kind][0]
+    return config if isinstance(config, config_class) else config_class(**config)
+
+
+def build_head(kind: str, config: object) -> nn.Module:
+    """A new head of `kind` for `config` (or the dict a checkpoint holds), its weights as
+    initialised (a checkpoint's are loaded into it)."""
+    config = config_of(kind, config)  # refuses an unknown kind
+    return head_kinds()[kind][1](config)
+
+
 def mean_of_views(head: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
-    """An image's embedding from its views' (V, B, W): their mean normalised again; for an
-    ensemble, each member's mean normalised before the members are joined, so that its cosine
-    stays the mean of its members' (B, W)."""
-    if not isinstance(head, Ensemble):
+    """An image's embedding from its views' (V, B, W): their mean normalised again; for a head
+    joined from parts (an ensemble's members, a fused head's trained part and whitening), each
+    part's views by this same rule before the parts are joined, so that its cosine stays the
+    weighted mean of its parts' cosines (B, W)."""
+    if not isinstance(head, Ensemble | Fused):
         return F.normalize(embeddings.mean(dim=0), dim=1)
-    members = len(head.members)
-    mean = embeddings.mean(dim=0).unflatten(1, (members, -1))  # (B, M, D)
-    return ensemble_embedding(F.normalize(mean, dim=2))
+    chunks = embeddings.split([part.config.embedding_dim for part in head.parts], dim=2)
+    return head.join([mean_of_views(part, chunk)
+                      for part, chunk in zip(head.parts, chunks, strict=True)])
+
+
+def plain_heads(head: nn.Module) -> list[Head]:
+    """The trained `Head`s inside `head`: itself, an ensemble's members, a fused head's trained
+    part's; none in a whitening."""
+    if isinstance(head, Head):
+        return [head]
+    if isinstance(head, Ensemble):
+        return list(head.members)
+    return plain_heads(head.inner) if isinstance(head, Fused) else []
 
 
 class TLLNet(nn.Module):
@@ -305,11 +429,12 @@ class TLLNet(nn.Module):
     which of its outputs); by default each trunk gives one input, in order. With views
     ("identity", "hflip") the image and its left-right flip are embedded and their mean,
     normalised again, is the embedding: the test-time augmentation head.train validates with
-    (for an ensemble, per member: `mean_of_views`). `explain` gives, besides the embedding, what
-    it is made of (the error-analysis page's maps; a `Head`'s only).
+    (for an ensemble or a fused head, per part: `mean_of_views`). `explain` gives, besides the
+    embedding, what it is made of (the error-analysis page's maps; where the head has trained
+    heads: `has_maps`).
     """
 
-    def __init__(self, trunks: list[nn.Module], head: Head,
+    def __init__(self, trunks: list[nn.Module], head: nn.Module,
                  views: tuple[str, ...] = ("identity",),
                  inputs: tuple[tuple[int, int], ...] | None = None):
         super().__init__()
@@ -335,8 +460,21 @@ class TLLNet(nn.Module):
         return [outputs[trunk][output] for trunk, output in self.inputs]
 
     def plain_heads(self) -> list[Head]:
-        """The plain heads whose maps `explain` gives: the head, or an ensemble's members."""
-        return list(self.head.members) if isinstance(self.head, Ensemble) else [self.head]
+        """The plain heads whose maps `explain` gives: the head, an ensemble's members, a fused
+        head's trained part's (`plain_heads`); none for a whitening alone."""
+        return plain_heads(self.head)
+
+    def has_maps(self) -> bool:
+        """Whether `explain` can say what the embedding is made of: where it has trained heads
+        (a whitening alone does not)."""
+        return bool(self.plain_heads())
+
+    def terms(self) -> list[tuple[int | None, int | None, int | None]]:
+        """What each of `explain`'s cell_embeddings terms is, in order, as (input, row, column):
+        the trained heads' (`Head.terms`), then for a fused head the whitened share (all None,
+        like the FC's bias: the page counts both in "the rest")."""
+        terms = self.plain_heads()[0].terms()
+        return terms + [(None, None, None)] if isinstance(self.head, Fused) else terms
 
     def explained_outputs(self) -> list[str]:
         """The names `explain` returns, in order."""
@@ -347,30 +485,57 @@ class TLLNet(nn.Module):
 
     def explain(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """The embedding and what it is made of, by the names the exported file gives them
-        (a `Head`'s or an `Ensemble`'s; `head.export`):
+        (where `has_maps`; `head.export`):
 
         embedding (N, D): `forward`'s, computed the same way.
-        cell_embeddings (N, P, D), P and their order as `Head.terms()`: they sum to the
+        cell_embeddings (N, P, D), P and their order as `terms()`: they sum to the
         embedding, so the cosine with any unit vector u is the sum of their dot products with u,
         term by term. With views, e = mean_v(e_v) / |mean_v(e_v)| and e_v = sum_k t_vk / |z_v|
         (z_v the view's FC output, t_vk its terms), so term k is
         sum_v t_vk / (|z_v| V |mean_v(e_v)|), the flipped view's cell (r, c) taken as the
         image's (r, pool - 1 - c): the cells are in the image's own frame. An ensemble's are its
         members' concatenated and scaled by 1/sqrt(M), as their embeddings are
-        (`ensemble_embedding`): they sum to its embedding too.
+        (`Ensemble.join`): they sum to its embedding too. A fused head's are its trained part's
+        scaled by sqrt(1 - w), zero in the whitening's columns, and one more term, sqrt(w) x
+        the whitened embedding in those columns, zero in the others (`Fused.join`): they sum
+        to the fused embedding.
         attention_<i> (N, h, w) for each map input i with spatial attention: its weights, the
         flipped view's mirrored back, averaged over the views (and over an ensemble's members).
         """
         inputs = {view: self._head_inputs(image.flip(-1) if view == "hflip" else image)
-                  for view in self.views}  # one trunk pass per view, for every member
-        explained = [self._explain_head(head, inputs) for head in self.plain_heads()]
-        if len(explained) == 1:
-            return explained[0]
-        scale = math.sqrt(len(explained))
-        return {name: (torch.cat([e[name] for e in explained], dim=-1) / scale
-                       if name in ("embedding", "cell_embeddings")
-                       else sum(e[name] for e in explained) / len(explained))
-                for name in explained[0]}  # (N, M * D), (N, P, M * D), attentions (N, h, w)
+                  for view in self.views}  # one trunk pass per view, for every part
+        return self._explain(self.head, inputs)
+
+    def _explain(self, head: nn.Module, inputs: dict[str, list[torch.Tensor]]
+                 ) -> dict[str, torch.Tensor]:
+        """`explain` for `head` (the network's, or one of its parts), from each view's head
+        inputs."""
+        if isinstance(head, Head):
+            return self._explain_head(head, inputs)
+        if isinstance(head, Ensemble):
+            explained = [self._explain(member, inputs) for member in head.members]
+            return {name: (head.join([e[name] for e in explained])
+                           if name in ("embedding", "cell_embeddings")
+                           else sum(e[name] for e in explained) / len(explained))
+                    for name in explained[0]}  # (N, M * D), (N, P, M * D), attentions (N, h, w)
+        trained = self._explain(head.inner, inputs)  # a Fused head
+        whitened = self._views_embedding(head.whitening, inputs)  # (N, k)
+        cells = trained["cell_embeddings"]  # (N, P, D)
+        n, p, d = cells.shape
+        cells = torch.cat([head.join([cells, cells.new_zeros(n, p, whitened.shape[1])]),
+                           head.join([cells.new_zeros(n, 1, d), whitened[:, None]])],
+                          dim=1)  # (N, P + 1, D + k)
+        return {**trained, "embedding": head.join([trained["embedding"], whitened]),
+                "cell_embeddings": cells}
+
+    def _views_embedding(self, head: nn.Module, inputs: dict[str, list[torch.Tensor]]
+                         ) -> torch.Tensor:
+        """`head`'s embedding (N, D) of the images from each view's head inputs, as `forward`
+        computes it."""
+        embeddings = [head(*inputs[view]) for view in self.views]  # V x (N, D)
+        if len(embeddings) == 1:
+            return embeddings[0]
+        return mean_of_views(head, torch.stack(embeddings))
 
     def _explain_head(self, head: Head, inputs: dict[str, list[torch.Tensor]]
                       ) -> dict[str, torch.Tensor]:
@@ -423,16 +588,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
                         f"{', '.join(map(str, READABLE_CHECKPOINTS))}; {retrain}")
     kind = checkpoint.setdefault("head_kind", Head.kind)  # formats 1-3: trained heads
     try:
-        if kind == "whitening":
-            from head.whiten import WhiteningConfig, WhiteningHead  # it imports this module
-
-            head = WhiteningHead(WhiteningConfig(**checkpoint["head_config"]))
-        elif kind == Head.kind:
-            head = Head(HeadConfig(**checkpoint["head_config"]))
-        elif kind == Ensemble.kind:
-            head = Ensemble(EnsembleConfig(**checkpoint["head_config"]))
-        else:
-            raise ValueError(f"unknown head kind {kind!r}")
+        head = build_head(kind, checkpoint["head_config"])
         head.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} is damaged ({first_line(error)}); {retrain}") from None

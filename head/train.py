@@ -16,7 +16,10 @@ the Kaggle test, in one of two ways:
 fold's N are validated as their ensemble (so the epoch chosen is the ensemble's), and the run
 keeps the N as one `head.model.Ensemble`. `--keep-fold-heads` adds the K folds' heads, as they
 were at the chosen epoch, to the final one(s): an ensemble k-fold cannot score, since each fold
-head was trained on the other folds' validation pairs.
+head was trained on the other folds' validation pairs. `--whitened-weight w` fuses the trained
+head(s) with a PCA whitening (head.whiten) fitted once on the same training images (each fold's,
+the split's, every train pair's for the final head), as one `head.model.Fused`: every epoch's
+figures are the fused model's, so the epoch chosen is the one that ships.
 
 The epoch is chosen by the figure `python -m infer` will give by default: top-2 after the
 one-to-one assignment `--assign`, unless that is none. The frozen trunk's own score
@@ -56,7 +59,14 @@ from head.config import (
 from head.figures import best_epoch, evaluate, frozen_baseline, selection_figure, stalled, summarize
 from head.folds import CachedPairs, Fold, all_pairs_fold, prepare, read_caches, views_used
 from head.loss import pair_loss
-from head.model import Head, HeadConfig, ensemble_of, mean_of_views, save_checkpoint
+from head.model import (
+    Head,
+    HeadConfig,
+    ensemble_of,
+    mean_of_views,
+    save_checkpoint,
+    with_whitening,
+)
 from head.report import (
     epoch_log,
     figures_only,
@@ -66,7 +76,7 @@ from head.report import (
     write_summary,
 )
 from head.stream import read_ahead
-from head.whiten import whitened_baseline
+from head.whiten import fit_whitening, training_rows, whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device, training_autocast
 from tll.files import atomic_output
@@ -77,7 +87,8 @@ def embed(head: torch.nn.Module, features: list[torch.Tensor], rows: torch.Tenso
           batch_size: int) -> np.ndarray:
     """Unit embeddings (len(rows), D) of `rows` of each cache's features (N, V, C, h, w): with
     several views the mean of each view's embedding, normalised again (test-time augmentation,
-    as the exported model does it: `mean_of_views`). `head`: a Head or an Ensemble."""
+    as the exported model does it: `mean_of_views`). `head`: a Head, an Ensemble or a Fused
+    one."""
     head.eval()
     out = []
     read_ahead(features, lambda: (rows[i:i + batch_size]
@@ -197,8 +208,8 @@ class Trainer:
 
 def validate(head: torch.nn.Module, fold: Fold, config: TrainConfig,
              number: int) -> dict[str, float]:
-    """The validation figures of `head` (a Head or an Ensemble) on the fold after epoch
-    `number`."""
+    """The validation figures of `head` (a Head, an Ensemble or a Fused one) on the fold after
+    epoch `number`."""
     embeddings = embed(head, fold.features, fold.val_images, config.batch_size)
     if not np.isfinite(embeddings).all():  # the last step can diverge unseen
         raise UserError(f"the weights diverged in epoch {number} (non-finite embeddings); "
@@ -208,24 +219,36 @@ def validate(head: torch.nn.Module, fold: Fold, config: TrainConfig,
 
 class SeedTrainers:
     """--seeds N heads on one fold, member i with seed --seed + i (its own initialisation, batch
-    order and dropout), trained epoch by epoch and validated as one ensemble. With N = 1 it is
-    the one Trainer, figure for figure."""
+    order and dropout), trained epoch by epoch and validated as one ensemble, fused with the
+    fold's whitening under --whitened-weight. With N = 1 and no whitening it is the one Trainer,
+    figure for figure."""
 
     def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
                  progress: bool = True, fold_number: int | None = None):
         self.trainers = [Trainer(fold, head_config, dataclasses.replace(config, seed=seed),
                                  progress) for seed in member_seeds(config)]
         self.members = [{"seed": seed, "fold": fold_number} for seed in member_seeds(config)]
+        self.weight = config.whitened_weight
+        used = self.trainers[0].fold  # the views the config uses
+        # fitted once, on the fold's training images: it learns nothing from the epochs
+        self.whitening = (fit_whitening(used.features, training_rows(used)) if self.weight
+                          else None)
 
     @property
-    def head(self) -> torch.nn.Module:
+    def trained_head(self) -> torch.nn.Module:
         """The trained head, or the ensemble of them (which shares their weights)."""
         return ensemble_of([trainer.head for trainer in self.trainers], self.members)
 
+    @property
+    def head(self) -> torch.nn.Module:
+        """What is validated and kept: the trained head(s), fused with the fold's whitening
+        under --whitened-weight."""
+        return with_whitening(self.trained_head, self.whitening, self.weight)
+
     def epoch(self, number: int) -> dict[str, float]:
         """Train each member one epoch; returns their mean loss and, where the fold has queries,
-        the ensemble's validation figures."""
-        if len(self.trainers) == 1:
+        the validation figures of `head`."""
+        if len(self.trainers) == 1 and not self.weight:
             return self.trainers[0].epoch(number)
         loss = float(np.mean([trainer.train(number) for trainer in self.trainers]))
         first = self.trainers[0]
@@ -254,8 +277,9 @@ def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: Tra
                          on_epoch: Callable[[int, dict], None] | None = None,
                          progress: bool = True, keep_heads: bool = False
                          ) -> tuple[list[dict], list[torch.nn.Module]]:
-    """`cross_validate`, and with `keep_heads` each fold's head(s) as they were at the best
-    epoch by the mean (`best_epoch`), on the CPU; [] without."""
+    """`cross_validate`, and with `keep_heads` each fold's trained head(s) (without the
+    whitening) as they were at the best epoch by the mean (`best_epoch`), on the CPU; []
+    without."""
     trainers = [SeedTrainers(fold, head_config, config, progress, fold_number)
                 for fold_number, fold in enumerate(folds)]
     history, kept = [], []
@@ -268,7 +292,7 @@ def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: Tra
             summary["folds"] = records
         history.append(summary)
         if keep_heads and best_epoch(history, config) is summary:  # the best so far
-            kept = [copy.deepcopy(trainer.head).cpu() for trainer in trainers]
+            kept = [copy.deepcopy(trainer.trained_head).cpu() for trainer in trainers]
         if on_epoch:
             on_epoch(number, summary)
         if stalled(history, config):
@@ -306,9 +330,10 @@ def _log_stop(history: list[dict], config: TrainConfig) -> None:
 
 
 def train_final_head(pairs: CachedPairs, head_config: HeadConfig, config: TrainConfig,
-                     epochs: int) -> torch.nn.Module:
+                     epochs: int, fold_heads: list[torch.nn.Module] = ()) -> torch.nn.Module:
     """After cross-validation: the head (--seeds: the ensemble of N) trained on every train pair
-    for the chosen `epochs`."""
+    for the chosen `epochs`, joined by `fold_heads` (--keep-fold-heads: `with_fold_heads`), fused
+    with the whitening of every train pair under --whitened-weight."""
     logger.info("%d-fold cross-validation chose %d epochs; training the final head%s on all %d "
                 "train pairs", config.folds, epochs,
                 f"s ({config.seeds} seeds)" if config.seeds > 1 else "",
@@ -317,7 +342,10 @@ def train_final_head(pairs: CachedPairs, head_config: HeadConfig, config: TrainC
                          dataclasses.replace(config, epochs=epochs))
     for number in range(1, epochs + 1):
         final.epoch(number)
-    return final.head
+    head = final.trained_head
+    if fold_heads:
+        head = with_fold_heads(head.cpu(), fold_heads, config)
+    return with_whitening(head, final.whitening, config.whitened_weight)
 
 
 def with_fold_heads(final: torch.nn.Module, fold_heads: list[torch.nn.Module],
@@ -364,6 +392,10 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     if len(views) > 1:
         logger.info("views: %s (one drawn per image at each step; validation averages them)",
                     ", ".join(views))
+    if config.whitened_weight:
+        logger.info("validation scores the head fused with the PCA whitening of %s at weight "
+                    "%g", "each fold's training images" if config.folds
+                    else "the training images", config.whitened_weight)
 
     with atomic_output(run, folder=True, overwrite=overwrite) as work:
         log_epoch = epoch_log(work / "metrics.jsonl")
@@ -371,9 +403,8 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
             history, fold_heads = cross_validate_heads(folds, head_config, config, log_epoch,
                                                        keep_heads=config.keep_fold_heads)
             best = best_epoch(history, config)
-            head = train_final_head(prepared.pairs, head_config, config, best["epoch"])
-            if fold_heads:
-                head = with_fold_heads(head.cpu(), fold_heads, config)
+            head = train_final_head(prepared.pairs, head_config, config, best["epoch"],
+                                    fold_heads)
         else:
             history, head = train_single_split(folds[0], head_config, config, log_epoch)
             best = best_epoch(history, config)
@@ -382,6 +413,9 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
                         train_config=asdict(config), baseline=baseline, views=list(views))
         write_summary(work, history, baseline, best, config, infos)
     log_summary(history, baseline, best, config)
+    if config.whitened_weight:
+        logger.info("the run keeps its head fused with the PCA whitening (%d components) at "
+                    "weight %g", head.whitening.config.embedding_dim, config.whitened_weight)
     return run
 
 

@@ -14,10 +14,10 @@ image's views averaged, and the embedding is, as for a trained head, the mean of
 line), fitted on each fold's training images. This command is its own rather than a
 `head.train --whiten-only` flag because none of head.train's training settings (epochs, lr,
 loss, the head's shape) would apply to it; it takes the same caches, validation options and
-assignment, and writes the same run folder: head.pt (checkpoint format 4, head kind
-"whitening"), which `python -m head.export` turns into one ONNX model (trunk + whitening as
-graph ops), and config.json.
-"""
+assignment, and writes the same run folder: head.pt (head kind "whitening", since checkpoint
+format 4), which `python -m head.export` turns into one ONNX model (trunk + whitening as graph
+ops), and config.json. `head.train --whitened-weight` fuses this whitening with a trained head
+(`head.model.Fused`)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,10 @@
 cell_embeddings (N, P, D) sum to each image's unit embedding, so the cosine of images a and b
 splits exactly into P parts, cells_a[k] . e_b; the page sums the parts of the map inputs' cells
 at the same grid position (every map input is pooled to the same pool x pool grid over the
-whole image) and gives the rest, the vector inputs' terms and the FC's bias share, as one
-number. The attention drawn is the first map input's spatial attention (N, h, w).
+whole image) and gives the rest, the terms with no grid cell, as one number: the vector inputs'
+terms, the FC's bias share and, for a head fused with a PCA whitening (head.train
+--whitened-weight), the whitened embedding's share. The attention drawn is the first map
+input's spatial attention (N, h, w).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def similarity_grid(cells: np.ndarray, other: np.ndarray, terms, pool: int
     """Where an image's cosine with another unit embedding comes from.
 
     cells (P, D): the image's cell embeddings; other (D,). Returns each grid cell's part
-    (pool, pool), summed over the map inputs, and the rest (vector inputs and bias); together
-    they sum to the cosine.
+    (pool, pool), summed over the map inputs, and the rest (vector inputs, bias, whitened
+    share); together they sum to the cosine.
     """
     parts = cells @ other  # (P,)
     grid = np.zeros((pool, pool))

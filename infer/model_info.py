@@ -40,8 +40,9 @@ class ModelInfo:
     val_metrics: dict = field(default_factory=dict)
     best_epoch: int | None = None
     # what the file's map outputs are (head.export): "terms", each cell_embeddings term as
-    # [input, row, column] (`head.model.Head.terms`), and "attention", the attention outputs'
-    # names; empty for a file without maps (a whitening head, a file from before them)
+    # [input, row, column] (`head.model.TLLNet.terms`: a fused head's whitened share is one more
+    # term, all None), and "attention", the attention outputs' names; empty for a file without
+    # maps (a whitening head, a file from before them)
     maps: dict = field(default_factory=dict)
 
     @property

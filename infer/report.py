@@ -114,7 +114,7 @@ function paintSimilarity(figure) {
         [220, 30, 30], [30, 80, 230]);
   const other = isQuery ? row.querySelector(`figure[data-k="${k}"] img`).alt : "the query";
   figure.querySelector(".m").title = `cosine ${((sum + rest) / 1000).toFixed(3)} with ${
-    other}: cells ${(sum / 1000).toFixed(3)} + rest (vector inputs, bias) ${
+    other}: cells ${(sum / 1000).toFixed(3)} + rest (vector inputs, bias, whitening) ${
     (rest / 1000).toFixed(3)}`;
 }
 if (MAPS) {
@@ -317,10 +317,10 @@ def _maps_controls(with_attention: bool, with_cells: bool) -> str:
             "each image's grid of pooled cells: red raises it, blue lowers it, the deeper the "
             "more (against the pair's largest cell); on a candidate, its cosine with the query; "
             "on the query, its cosine with the outlined candidate (click another to compare). "
-            "The cells' parts and the rest (vector inputs and the bias), shown on hover, sum "
-            "to the cosine. <b>attention</b>: the weight the head's spatial attention gives each "
-            "position of the image, orange where it is this image's highest. A row's "
-            "<i>maps</i> box hides its overlays.</p>")
+            "The cells' parts and the rest (vector inputs, the bias and a fused whitening's "
+            "share), shown on hover, sum to the cosine. <b>attention</b>: the weight the "
+            "head's spatial attention gives each position of the image, orange where it is "
+            "this image's highest. A row's <i>maps</i> box hides its overlays.</p>")
 
 
 def _summary_table(summary: dict[str, str]) -> str:

@@ -111,7 +111,7 @@ def test_ensemble_checkpoint_round_trip_and_older_formats(tmp_path: Path) -> Non
     ensemble = ensemble_of_three()
     save_checkpoint(tmp_path / "head.pt", ensemble, best_epoch=3)
     loaded, checkpoint = load_checkpoint(tmp_path / "head.pt")
-    assert checkpoint["format_version"] == 5 and checkpoint["head_kind"] == "ensemble"
+    assert checkpoint["format_version"] == 6 and checkpoint["head_kind"] == "ensemble"
     assert isinstance(loaded, Ensemble) and loaded.config == ensemble.config
     assert loaded.config.embedding_dim == checkpoint["head_config"]["embedding_dim"] == 24
     assert [m["seed"] for m in checkpoint["head_config"]["members"]] == [0, 1, 2]

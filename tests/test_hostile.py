@@ -137,6 +137,14 @@ def lr_far_too_high(w: World) -> list:
     return _train(w, "--name", "x", "--lr", "1e6")
 
 
+def whitened_weight_nan(w: World) -> list:
+    return _train(w, "--name", "x", "--whitened-weight", "nan")
+
+
+def _no_run(w: World) -> None:
+    assert not (w.tmp / "runs").exists()
+
+
 def lr_overflowing(w: World) -> list:
     return _train(w, "--name", "x", "--lr", "1e39")
 
@@ -504,6 +512,8 @@ CASES: dict[str, Case] = {
                                     ("1 training pair(s) left", "--val-fraction")),
     "train --lr 1e6": Case(lr_far_too_high, 2, ("--lr", "0<x<=1.0")),
     "train --lr 1e39": Case(lr_overflowing, 2, ("--lr", "0<x<=1.0")),
+    "train --whitened-weight nan": Case(whitened_weight_nan, 1,
+                                        ("--whitened-weight nan", "[0, 1)"), then=_no_run),
     "train --memory-budget 4 lots": Case(memory_budget_without_a_unit, 2,
                                          ("--memory-budget", "'4 lots' is not a size", "4GiB")),
     "train --lr 1 collapses": Case(lr_that_collapses, 1, ("head collapsed", "lower --lr")),

@@ -168,6 +168,10 @@ CASES: dict[str, Case] = {
     "sweep --param a range's end": Case(
         _param("dropout=0.2:1"), 1, ("--param dropout=0.2:1.0", "head.train refuses --dropout 1.0"),
         then=_no_study),
+    "sweep --param whitened_weight=0:1": Case(
+        _param("whitened_weight=0:1"), 1,
+        ("--param whitened_weight=0.0:1.0", "head.train refuses --whitened-weight 1.0", "0<=x<1"),
+        then=_no_study),
     "sweep --param a choice among good ones": Case(
         _param("pool=1,0,2"), 1, ("--param pool=1,0,2", "head.train refuses --pool 0"),
         then=_no_study),

@@ -1,6 +1,7 @@
 """The maps the exported model gives besides its embedding (`TLLNet.explain`): cell embeddings
 that sum to the embedding, each equal to a brute-force cell-by-cell FC; the flipped view folded
-back into the image's frame; the ONNX outputs equal to torch's."""
+back into the image's frame; a head fused with a whitening adding the whitened share as one
+more term; the ONNX outputs equal to torch's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from head.export import PARITY_TOLERANCE, build_network
-from head.model import Ensemble, EnsembleConfig, Head, HeadConfig, SpatialAttention, TLLNet
+from head.model import (
+    Ensemble,
+    EnsembleConfig,
+    Head,
+    HeadConfig,
+    SpatialAttention,
+    TLLNet,
+    with_whitening,
+)
+from head.whiten import fit_whitening
+from infer.maps import similarity_grid
 from infer.session import open_session
 
 POOL = 2
@@ -122,6 +133,39 @@ def test_an_ensembles_maps_are_its_members_joined() -> None:
     torch.testing.assert_close(out["attention_0"],
                                (parts[0]["attention_0"] + parts[1]["attention_0"]) / 2,
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("views", [("identity",), ("identity", "hflip")])
+def test_a_fused_heads_maps_add_the_whitened_share(views) -> None:
+    """A head fused with a whitening at w: the head's cells scaled by sqrt(1 - w), zero in the
+    whitening's columns, then one term (no cell: "the rest" on the page) holding sqrt(w) x the
+    whitened embedding in those columns; they sum to the fused embedding and split its cosine;
+    the attention is the head's."""
+    generator, weight = torch.Generator().manual_seed(6), 0.25
+    whitening = fit_whitening([torch.rand(30, 1, 3, 4, 4, generator=generator),
+                               torch.rand(30, 1, 3, generator=generator)], torch.arange(30), 4)
+    model = TLLNet([PoolingTrunk()], with_whitening(trained_looking_head(), whitening, weight),
+                   views, ((0, 0), (0, 1)))
+    alone = net(views)  # the same head's weights
+    whitened_alone = TLLNet([PoolingTrunk()], whitening, views, ((0, 0), (0, 1)))
+    with torch.no_grad():
+        out, head_out = model.explain(images()), alone.explain(images())
+        whitened = whitened_alone(images())  # (N, 4)
+        torch.testing.assert_close(out["embedding"], model(images()), atol=1e-6, rtol=0)
+    assert model.terms() == alone.terms() + [(None, None, None)]
+    cells = out["cell_embeddings"]  # (N, P + 1, 8 + 4)
+    assert cells.shape == (3, POOL ** 2 + 3, 12) and list(out) == list(head_out)
+    torch.testing.assert_close(cells.sum(dim=1), out["embedding"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cells[:, :-1, :8], (1 - weight) ** 0.5 * head_out["cell_embeddings"],
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(cells[:, -1, 8:], weight ** 0.5 * whitened, atol=1e-6, rtol=0)
+    assert not cells[:, :-1, 8:].any() and not cells[:, -1, :8].any()
+    torch.testing.assert_close(out["attention_0"], head_out["attention_0"], atol=0, rtol=0)
+    # the page's split of a cosine: the grid's cells plus the rest
+    grid, rest = similarity_grid(cells[0].numpy(), out["embedding"][1].numpy(), model.terms(),
+                                 POOL)
+    assert grid.sum() + rest == pytest.approx(float(out["embedding"][0] @ out["embedding"][1]),
+                                              abs=1e-6)
 
 
 def test_the_flipped_view_is_folded_into_the_images_frame() -> None:

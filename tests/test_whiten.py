@@ -83,7 +83,7 @@ def whitened_run(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def test_a_whitening_run_exports_and_writes_a_submission(whitened_run: Path, synthetic: Path,
                                                           tmp_path: Path) -> None:
     head, checkpoint = load_checkpoint(whitened_run / "head.pt")
-    assert checkpoint["format_version"] == 5 and checkpoint["head_kind"] == "whitening"
+    assert checkpoint["format_version"] == 6 and checkpoint["head_kind"] == "whitening"
     assert checkpoint["views"] == ["identity", "hflip"]
     summary = json.loads((whitened_run / "config.json").read_text())
     # 8 training pairs are 16 images: 15 components
