@@ -228,11 +228,10 @@ class SeedTrainers:
         self.trainers = [Trainer(fold, head_config, dataclasses.replace(config, seed=seed),
                                  progress) for seed in member_seeds(config)]
         self.members = [{"seed": seed, "fold": fold_number} for seed in member_seeds(config)]
-        self.weight = config.whitened_weight
-        used = self.trainers[0].fold  # the views the config uses
-        # fitted once, on the fold's training images: it learns nothing from the epochs
-        self.whitening = (fit_whitening(used.features, training_rows(used)) if self.weight
-                          else None)
+        self.weight, self.whitening = config.whitened_weight, None
+        if self.weight:  # fitted once, on the fold's training images: nothing in it is trained
+            used = self.trainers[0].fold  # in the views the config uses
+            self.whitening = fit_whitening(used.features, training_rows(used))
 
     @property
     def trained_head(self) -> torch.nn.Module:
