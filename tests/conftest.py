@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import shutil
+import textwrap
 from pathlib import Path
 
 import click
@@ -33,6 +34,36 @@ def invoke_cli(cli: click.Command, *arguments) -> Result:
     result = CliRunner().invoke(cli, [str(a) for a in arguments])
     result.text = result.output + (getattr(result, "stderr", "") or "")
     return result
+
+
+def slowed_down(folder: Path, module: str, method: str, seconds: float,
+                rank: int | None = None) -> Path:
+    """`folder`, made to hold a sitecustomize.py that makes `module`'s `method` ("Class.name")
+    sleep `seconds` before each call in every Python process started with `folder` first on
+    PYTHONPATH (`python_path`); under torchrun in rank `rank` only, if given. A test that must
+    catch a child midway, or a race between ranks, so gets a window of a known length whatever
+    the machine's speed and load, and the computation is unchanged."""
+    owner, name = method.split(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""\
+        import os
+        if {rank!r} is None or os.environ.get("RANK") == str({rank!r}):
+            import functools
+            import time
+            from {module} import {owner} as owner
+            original = owner.{name}
+            @functools.wraps(original)
+            def slowed(*args, **kwargs):
+                time.sleep({seconds!r})
+                return original(*args, **kwargs)
+            owner.{name} = slowed
+        """))
+    return folder
+
+
+def python_path(*first: Path) -> str:
+    """PYTHONPATH for a subprocess of the tests: the folders `first`, then the repository."""
+    return os.pathsep.join(map(str, [*first, REPO_ROOT]))
 
 
 def check_submission(path: Path, data: Path) -> None:

@@ -26,7 +26,7 @@ import timm
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import REPO_ROOT, invoke_cli
+from conftest import REPO_ROOT, invoke_cli, python_path, slowed_down
 
 from extract.backbones import Trunk, TrunkSpec, WeightsUnavailable
 from extract.cache import (
@@ -431,14 +431,11 @@ def _extract_arguments(data: Path, out: Path) -> list[str]:
     ]
 
 
-def start_extract(data: Path, out: Path, log: Path) -> subprocess.Popen:
-    """`python -m extract` with the settings of `caches["resnet50"]`, output into `log`."""
-    # at the lowest priority (coreutils' nice): on a loaded machine the child then yields to this
-    # process, which must see it midway (bfloat16 extracts the 88 images in about a second); on
-    # an idle one nothing changes, and the computation is the same either way
-    command = ["nice", "-n", "19", sys.executable, "-m", "extract",
-               *_extract_arguments(data, out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def start_extract(data: Path, out: Path, log: Path, slow: Path | None = None) -> subprocess.Popen:
+    """`python -m extract` with the settings of `caches["resnet50"]`, output into `log`; `slow`: a
+    `slowed_down` folder put first on its PYTHONPATH."""
+    command = [sys.executable, "-m", "extract", *_extract_arguments(data, out)]
+    env = {**os.environ, "PYTHONPATH": python_path(*[slow] if slow else [])}
     with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the child
         # Ctrl-C as a terminal delivers it, whatever this test process inherited: a child
         # that inherits SIGINT ignored (Python then installs no handler) would never stop
@@ -491,16 +488,24 @@ def stop_midway(start: Callable[[], subprocess.Popen], rows_done: Callable[[], i
     pytest.fail(f"the extraction always ended before {what}:\n{log.read_text()}")
 
 
+# seconds each block's write waits in an extraction to be interrupted: 11 blocks of 8 take about a
+# second in all on an idle CPU, and a loaded one can deschedule the watching test for longer
+WRITE_DELAY = 0.5
+
+
 def interrupt_midway(data: Path, out: Path, log: Path, sig: int) -> subprocess.Popen:
-    """Start `python -m extract` and send it `sig` once its first batch is done but not its last
-    (11 batches of 8, about 0.1 s each on an idle CPU: a window of about 1 s)."""
+    """Start `python -m extract`, each block's write delayed by WRITE_DELAY, and send it `sig`
+    once it has written a block and has more than half its blocks left: a window of at least 2 s,
+    whatever the CPU."""
     partial = partial_path(out)
     total = len(read_dataset(data).keys())
+    slow = slowed_down(log.with_name("slow-writes"), "extract.cache", "CacheWriter.write",
+                       WRITE_DELAY)
 
     def start_afresh() -> subprocess.Popen:
         out.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
-        return start_extract(data, out, log)
+        return start_extract(data, out, log, slow)
 
     def stop(process: subprocess.Popen) -> None:
         process.send_signal(sig)

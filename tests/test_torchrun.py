@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, python_path, slowed_down
 from test_extract import assert_same_cache, done_rows, stop_midway
 
 from extract import cache
@@ -54,12 +54,10 @@ def start(launcher: list[str], data: Path, out: Path, log: Path,
           first_on_path: Path | None = None) -> subprocess.Popen:
     """`torchrun LAUNCHER -m extract ...` (no launcher: plain `python -m extract`), output into
     `log`; OMP_NUM_THREADS=1 (set by conftest) is inherited, so every process computes each block
-    with the same arithmetic. `first_on_path` goes before the repository on PYTHONPATH (e.g. for a
-    sitecustomize.py that slows a rank down)."""
+    with the same arithmetic. `first_on_path`: a `slowed_down` folder put first on PYTHONPATH."""
     torchrun = ["-m", "torch.distributed.run", *launcher] if launcher else []
     command = [sys.executable, *torchrun, "-m", "extract", *extract_arguments(data, out)]
-    path = [str(first_on_path)] if first_on_path else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(REPO_ROOT)])}
+    env = {**os.environ, "PYTHONPATH": python_path(*[first_on_path] if first_on_path else [])}
     with log.open("w") as handle:  # a file, not a pipe: a full pipe would stall the children
         return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
@@ -111,27 +109,12 @@ def test_two_processes_write_the_single_process_cache(
     assert f"took {total} images from 2 shards" in output
 
 
-# rank 1 closes its shard two seconds late: rank 0 must wait for it before taking the shard in
-SLOW_SHARD_CLOSE = """
-import os
-if os.environ.get("RANK") == "1":
-    import time
-    from extract.cache import ShardWriter
-    close = ShardWriter.close
-    def late_close(self):
-        time.sleep(2)
-        close(self)
-    ShardWriter.close = late_close
-"""
-
-
 @pytest.mark.slow
 def test_the_shards_are_taken_in_once_every_rank_has_closed_its_own(
     synthetic: Path, reference: Path, tmp_path: Path
 ) -> None:
-    slow = tmp_path / "slow"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(SLOW_SHARD_CLOSE)
+    # rank 1 closes its shard 2 s late: rank 0 must wait for it before taking the shard in
+    slow = slowed_down(tmp_path / "slow", "extract.cache", "ShardWriter.close", 2, rank=1)
     out, log = tmp_path / "x.h5", tmp_path / "run.log"
     output = finished(start(on_one_machine(2), synthetic, out, log, first_on_path=slow), log)
     assert output.splitlines().count(str(out)) == 2, output
