@@ -235,9 +235,9 @@ def run_trials(study: optuna.Study, study_name: str, storage: str, caches: list[
     """Load the caches once and run `trials` trials of the study in this process (`job`: which
     of `--jobs` worker processes it is, recorded with each trial); returns them as they
     ended."""
-    figure = selection_figure(TrainConfig(**fixed))
-    prepared = prepare(caches, TrainConfig(**fixed), data,
-                       resolve_device(fixed["device"], tf32=True), infos)
+    base = TrainConfig(**fixed)
+    figure = selection_figure(base)
+    prepared = prepare(caches, base, data, resolve_device(base.device, tf32=True), infos)
 
     def objective(trial: optuna.Trial) -> float:
         config = TrainConfig(**fixed, **sample(trial, space))  # no field is both
