@@ -9,6 +9,7 @@ the fusion table in the README. Quality, not speed, though seconds per epoch are
         [--seeds 5] [--rows seeds] [--rows fold-heads]
     .venv/bin/python benchmarks/compare_configs.py whiten-fusion --cache NAME=PATH [...] \\
         [--weight 0 --weight 0.1 ...]
+    .venv/bin/python benchmarks/compare_configs.py runs runs/A runs/B [...]
 
 `levers` runs the head of before the levers (triplet loss, no features layer, no dropout, the
 images as they are), the levers one at a time and together, and the head the sweep found, on
@@ -22,7 +23,9 @@ and the outer fold's pairs score both. `whiten-fusion` fuses, per fold, the defa
 fold's head at the epoch the mean chose) with head.whiten's whitening (fitted on that fold's
 training images) at the score level: cosine (1 - w) head + w whitened for each `--weight` w,
 with each w's paired difference to w = 0 and, since choosing w on the folds that score it is
-optimistic, a w chosen per fold on the other folds' figures.
+optimistic, a w chosen per fold on the other folds' figures. `runs` reads finished `head.train
+--folds K` run folders (any options: --seeds, --whitened-weight...) and prints each one's figures at
+its kept epoch with the paired difference to the first run's, fold by fold.
 Every configuration sees the same folds (`--split-seed`) and the same initialisation (`--seed`);
 each cache is loaded once. The figure is the mean validation top-2 over the folds at the best
 epoch by that mean, after the default assignment, +- its standard error; the plain top-2 beside
@@ -32,6 +35,7 @@ it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -330,6 +334,46 @@ def whiten_fusion(named: tuple[str, ...], weights: tuple[float, ...], folds: int
                      f"{paired(figures, per_fold[0.0])} | {chosen} | (same) |")
     click.echo("\n".join(lines))
 
+
+def kept_epoch_folds(run: Path) -> tuple[dict, dict, list[dict]]:
+    """A finished k-fold run's config (config.json's), its kept epoch's summary and that epoch's
+    per-fold figures (metrics.jsonl)."""
+    summary = json.loads((run / "config.json").read_text())
+    config, best = summary["config"], summary["best"]
+    if not config.get("folds"):
+        raise click.UsageError(f"{run} was not trained with --folds: no per-fold figures")
+    with open(run / "metrics.jsonl") as lines:
+        epoch = next(r for r in map(json.loads, lines) if r["epoch"] == best["epoch"])
+    return config, best, epoch["folds"]
+
+
+@cli.command("runs")
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+def compare_runs(runs: tuple[Path, ...]) -> None:
+    """Finished `head.train --folds K` runs on the same folds (the same caches, --folds and
+    --split-seed): each one's figures at its kept epoch and the paired difference of its
+    selection figure to the first run's, with the seconds its folds trained."""
+    read = [kept_epoch_folds(run) for run in runs]
+    same = ("caches", "folds", "split_seed")
+    first = read[0][0]
+    figure = selection_figure(TrainConfig(**first))
+    for run, (config, _, _) in zip(runs, read, strict=True):
+        if any(config[key] != first[key] for key in same):
+            raise click.UsageError(f"{run} was not validated on {runs[0]}'s folds (the same "
+                                   f"{', '.join(same)} are needed)")
+        if selection_figure(TrainConfig(**config)) != figure:
+            raise click.UsageError(f"{run} chose its epoch by another figure than {figure}")
+    baseline = [f[figure] for f in read[0][2]]
+    click.echo(f"| run | top-2, assigned | top-2, plain | {figure} - {runs[0].name}'s, paired "
+               "| epoch | seconds (folds) |")
+    click.echo("|---|---|---|---|---|---|")
+    for run, (_, best, folds) in zip(runs, read, strict=True):
+        difference = "-" if run == runs[0] else paired([f[figure] for f in folds], baseline)
+        with open(run / "metrics.jsonl") as lines:
+            seconds = sum(r["seconds"] for r in map(json.loads, lines))
+        click.echo(f"| {run.name} | {cells(best)} | {difference} | {best['epoch']} | "
+                   f"{seconds:.0f} |")
 
 if __name__ == "__main__":
     cli()
