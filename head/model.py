@@ -249,13 +249,18 @@ class EnsembleConfig:
         members = tuple(dict(m) for m in self.members)
         if len(members) < 2:
             raise ValueError(f"an ensemble takes at least 2 members, got {len(members)}")
-        width = len(members) * member.embedding_dim
-        if self.embedding_dim not in (0, width):
-            raise ValueError(f"embedding_dim {self.embedding_dim} is not {len(members)} members "
-                             f"x {member.embedding_dim}")
-        object.__setattr__(self, "member", member)
-        object.__setattr__(self, "members", members)
-        object.__setattr__(self, "embedding_dim", width)
+        _settle(self, len(members) * member.embedding_dim,
+                f"{len(members)} members x {member.embedding_dim}", member=member, members=members)
+
+
+def _settle(config: object, width: int, made_of: str, **fields: object) -> None:
+    """Set `fields` (e.g. nested configs rebuilt from a checkpoint's dicts) and the derived
+    `embedding_dim` `width` on the frozen dataclass `config`, refusing a given embedding_dim
+    other than `width` (`made_of`: what it is, for the message)."""
+    if config.embedding_dim not in (0, width):
+        raise ValueError(f"embedding_dim {config.embedding_dim} is not {made_of}")
+    for name, value in {**fields, "embedding_dim": width}.items():
+        object.__setattr__(config, name, value)
 
 
 class Ensemble(nn.Module):
@@ -317,13 +322,9 @@ class FusedConfig:
             raise ValueError(f"the whitening's weight must lie in (0, 1), got {self.weight}")
         inner = config_of(self.inner_kind, self.inner)  # as a checkpoint holds them: dicts
         whitening = config_of("whitening", self.whitening)
-        width = inner.embedding_dim + whitening.embedding_dim
-        if self.embedding_dim not in (0, width):
-            raise ValueError(f"embedding_dim {self.embedding_dim} is not {inner.embedding_dim} "
-                             f"+ {whitening.embedding_dim}")
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "whitening", whitening)
-        object.__setattr__(self, "embedding_dim", width)
+        _settle(self, inner.embedding_dim + whitening.embedding_dim,
+                f"{inner.embedding_dim} + {whitening.embedding_dim}", inner=inner,
+                whitening=whitening)
 
 
 class Fused(nn.Module):
@@ -446,14 +447,12 @@ class TLLNet(nn.Module):
         self.inputs = tuple(inputs or ((i, 0) for i in range(len(trunks))))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        embeddings = [self._embed(image.flip(-1) if view == "hflip" else image)
-                      for view in self.views]  # V x (N, D)
-        if len(embeddings) == 1:
-            return embeddings[0]
-        return mean_of_views(self.head, torch.stack(embeddings))  # (N, D)
+        return self._views_embedding(self.head, self._view_inputs(image))  # (N, D)
 
-    def _embed(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(*self._head_inputs(image))
+    def _view_inputs(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """The head's inputs for each view of `image`: one trunk pass per view."""
+        return {view: self._head_inputs(image.flip(-1) if view == "hflip" else image)
+                for view in self.views}
 
     def _head_inputs(self, image: torch.Tensor) -> list[torch.Tensor]:
         outputs = [trunk.features(image) for trunk in self.trunks]  # one pass each
@@ -502,9 +501,7 @@ class TLLNet(nn.Module):
         attention_<i> (N, h, w) for each map input i with spatial attention: its weights, the
         flipped view's mirrored back, averaged over the views (and over an ensemble's members).
         """
-        inputs = {view: self._head_inputs(image.flip(-1) if view == "hflip" else image)
-                  for view in self.views}  # one trunk pass per view, for every part
-        return self._explain(self.head, inputs)
+        return self._explain(self.head, self._view_inputs(image))  # for every part
 
     def _explain(self, head: nn.Module, inputs: dict[str, list[torch.Tensor]]
                  ) -> dict[str, torch.Tensor]:
@@ -530,8 +527,8 @@ class TLLNet(nn.Module):
 
     def _views_embedding(self, head: nn.Module, inputs: dict[str, list[torch.Tensor]]
                          ) -> torch.Tensor:
-        """`head`'s embedding (N, D) of the images from each view's head inputs, as `forward`
-        computes it."""
+        """`head`'s embedding (N, D) of the images from each view's head inputs: with several
+        views their mean, part by part (`mean_of_views`)."""
         embeddings = [head(*inputs[view]) for view in self.views]  # V x (N, D)
         if len(embeddings) == 1:
             return embeddings[0]
