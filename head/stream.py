@@ -51,6 +51,12 @@ def memory_budget(asked: int | None, device: torch.device) -> tuple[float, str]:
                     f"{format_bytes(available)} {what})")
 
 
+def budget_share(budget: float, jobs: int) -> int | None:
+    """Each of `jobs` processes' share of `budget` as a --memory-budget: None (each process
+    finds its own, unlimited again) where the budget is unlimited."""
+    return None if math.isinf(budget) else int(budget // jobs)
+
+
 def features_bytes(info: CacheInfo, images: int, views: int) -> int:
     """What `images` images' features take in memory in `views` views, as the cache stores
     them."""

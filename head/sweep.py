@@ -281,12 +281,12 @@ def _run_jobs(jobs: int, trials: int, sampler_seed: int | None, work: dict) -> s
     import concurrent.futures
     import multiprocessing
 
-    from head.stream import memory_budget
+    from head.stream import budget_share, memory_budget
 
     threads = max(1, torch.get_num_threads() // jobs)
     budget, _ = memory_budget(work["fixed"]["memory_budget"],
                               resolve_device(work["fixed"]["device"]))
-    fixed = {**work["fixed"], "memory_budget": int(budget // jobs)}  # each job holds its own
+    fixed = {**work["fixed"], "memory_budget": budget_share(budget, jobs)}  # each holds its own
     shares = [trials // jobs + (job < trials % jobs) for job in range(jobs)]
     with concurrent.futures.ProcessPoolExecutor(
             jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -129,8 +129,10 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
                                                                            strict=True)
                                        for key in ((fold.train_left[batch], left),
                                                    (fold.train_right[batch], right))))
+    # without progress the bar is off; with it, TQDM_DISABLE still turns it off (tqdm reads the
+    # environment only for the arguments not given)
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not progress)
+               **({} if progress else {"disable": True}))
     for number, (batch, (left_view, right_view)) in enumerate(zip(bar, drawn, strict=True),
                                                               start=1):
         lefts, rights = fold.train_left[batch], fold.train_right[batch]

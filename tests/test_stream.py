@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,13 @@ from extract.cache import (
 from extract.synth import main as make_synthetic
 from head import stream
 from head.folds import load_pairs
-from head.stream import StreamedFeatures, features_bytes, fits_in_memory, read_ahead
+from head.stream import (
+    StreamedFeatures,
+    budget_share,
+    features_bytes,
+    fits_in_memory,
+    read_ahead,
+)
 from head.sweep import main as sweep
 from head.sweep import parse_param
 from head.train import main as train
@@ -77,8 +84,8 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize(("text", "size"), [
-    ("4GiB", 4 << 30), ("500MB", 500 * 10 ** 6), ("1.5G", 3 << 29), ("1000000", 10 ** 6),
-    ("12 mib", 12 << 20), (".5k", 512), ("2TB", 2 * 10 ** 12)])
+    ("4GiB", 4 << 30), ("500MB", 500 * 10 ** 6), ("1.5G", 3 << 29), ("1000000b", 10 ** 6),
+    ("12 mib", 12 << 20), (".5k", 512), ("2TB", 2 * 10 ** 12), ("0", 0)])
 def test_a_size_takes_a_unit(text: str, size: int) -> None:
     assert ByteSize().convert(text, None, None) == size
 
@@ -87,6 +94,17 @@ def test_a_size_takes_a_unit(text: str, size: int) -> None:
 def test_a_size_without_a_unit_it_knows_is_refused(text: str) -> None:
     with pytest.raises(click.BadParameter, match="is not a size"):
         ByteSize().convert(text, None, None)
+
+
+@pytest.mark.parametrize("text", ["8", "1000000", "0.5"])
+def test_a_size_other_than_0_needs_its_unit(text: str) -> None:
+    with pytest.raises(click.BadParameter, match=f"'{text}' has no unit: write e.g. {text}GiB"):
+        ByteSize().convert(text, None, None)
+
+
+def test_each_sweep_job_gets_its_share_of_the_budget() -> None:
+    assert budget_share(10 << 20, 3) == 3495253  # floor(10 MiB / 3)
+    assert budget_share(math.inf, 2) is None  # where the system does not say how much is free
 
 
 def test_the_smallest_caches_are_kept_in_memory_while_they_fit() -> None:

@@ -90,7 +90,8 @@ BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1
 
 
 class ByteSize(click.ParamType):
-    """A number of bytes written with a unit: 4GiB, 500MB, 1.5G (G: GiB), 1000000 (bytes)."""
+    """A number of bytes written with a unit: 4GiB, 500MB, 1.5G (G: GiB), 1000000B (bytes); 0
+    needs none. A bare number is refused: `--memory-budget 8` meant 8 GiB, not 8 bytes."""
 
     name = "size"
 
@@ -102,6 +103,9 @@ class ByteSize(click.ParamType):
         if unit is None:
             self.fail(f"{value!r} is not a size: give a number and a unit, e.g. 4GiB, 500MB or "
                       "8G (G, M, K: binary units)", param, ctx)
+        if not match[2] and float(match[1]):
+            self.fail(f"{value!r} has no unit: write e.g. {match[1]}GiB, {match[1]}MiB, or "
+                      f"{match[1]}B for bytes", param, ctx)
         return int(float(match[1]) * unit)
 
 
