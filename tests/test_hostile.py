@@ -153,6 +153,10 @@ def memory_budget_without_a_unit(w: World) -> list:
     return _train(w, "--name", "x", "--memory-budget", "4 lots")
 
 
+def memory_budget_a_bare_number(w: World) -> list:
+    return _train(w, "--name", "x", "--memory-budget", "8")
+
+
 def lr_that_collapses(w: World) -> list:
     # the default head collapses at lr 1: every embedding one point (with InfoNCE, a features
     # layer and dropout it trains on)
@@ -516,6 +520,8 @@ CASES: dict[str, Case] = {
                                         ("--whitened-weight nan", "[0, 1)"), then=_no_run),
     "train --memory-budget 4 lots": Case(memory_budget_without_a_unit, 2,
                                          ("--memory-budget", "'4 lots' is not a size", "4GiB")),
+    "train --memory-budget 8": Case(memory_budget_a_bare_number, 2,
+                                    ("--memory-budget", "'8' has no unit", "8GiB", "8B")),
     "train --lr 1 collapses": Case(lr_that_collapses, 1, ("head collapsed", "lower --lr")),
     "extract second writer": Case(second_writer, 1,
                                   ("{tmp}/cache/r50.h5 is being written by another process",
