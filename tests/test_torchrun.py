@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, python_path, slowed_down
-from test_extract import assert_same_cache, done_rows, stop_midway
+from test_extract import WRITE_DELAY, assert_same_cache, done_rows, stop_midway
 
 from extract import cache
 from extract.cache import (
@@ -122,15 +122,18 @@ def test_the_shards_are_taken_in_once_every_rank_has_closed_its_own(
 
 
 def kill_rank_midway(data: Path, out: Path, log: Path) -> subprocess.Popen:
-    """Start `torchrun --nproc-per-node 2 -m extract` and SIGKILL rank 1 once it has written a
-    block to its shard but has blocks left (11 blocks of 4 on an idle CPU take about a second)."""
+    """Start `torchrun --nproc-per-node 2 -m extract`, rank 1's block writes each delayed by
+    WRITE_DELAY, and SIGKILL rank 1 once it has written a block to its shard but has blocks left:
+    a window of several seconds whatever the CPU (undelayed, 11 blocks of 4 take about one)."""
     shard = shard_path(out, 1)
     share = len(read_dataset(data).keys()) // 2
+    slow = slowed_down(log.with_name("slow-shard-writes"), "extract.cache", "ShardWriter.write",
+                       WRITE_DELAY, rank=1)
 
     def start_afresh() -> subprocess.Popen:
         for leftover in (out, partial_path(out), *shard_paths(out)):
             leftover.unlink(missing_ok=True)
-        return start(on_one_machine(2), data, out, log)
+        return start(on_one_machine(2), data, out, log, first_on_path=slow)
 
     def stop(process: subprocess.Popen) -> None:
         # rank 1 holds its shard's lock: that names its process
