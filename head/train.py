@@ -76,7 +76,7 @@ from head.report import (
     write_summary,
 )
 from head.stream import read_ahead
-from head.whiten import fit_whitening, training_rows, whitened_baseline
+from head.whiten import WhiteningHead, fit_whitening, training_rows, whitened_baseline
 from tll import UserError, UserPath, logger, user_errors
 from tll.device import resolve_device, training_autocast
 from tll.files import atomic_output
@@ -226,14 +226,16 @@ class SeedTrainers:
     figure for figure."""
 
     def __init__(self, fold: Fold, head_config: HeadConfig, config: TrainConfig,
-                 progress: bool = True, fold_number: int | None = None):
+                 progress: bool = True, fold_number: int | None = None,
+                 whitening: WhiteningHead | None = None):
         self.trainers = [Trainer(fold, head_config, dataclasses.replace(config, seed=seed),
                                  progress) for seed in member_seeds(config)]
         self.members = [{"seed": seed, "fold": fold_number} for seed in member_seeds(config)]
         self.weight, self.whitening = config.whitened_weight, None
-        if self.weight:  # fitted once, on the fold's training images: nothing in it is trained
+        if self.weight:  # nothing in it is trained: `whitening` where the baseline fitted it
             used = self.trainers[0].fold  # in the views the config uses
-            self.whitening = fit_whitening(used.features, training_rows(used))
+            self.whitening = (fit_whitening(used.features, training_rows(used))
+                              if whitening is None else whitening)
 
     @property
     def trained_head(self) -> torch.nn.Module:
@@ -276,13 +278,17 @@ def cross_validate(folds: list[Fold], head_config: HeadConfig, config: TrainConf
 
 def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: TrainConfig,
                          on_epoch: Callable[[int, dict], None] | None = None,
-                         progress: bool = True, keep_heads: bool = False
+                         progress: bool = True, keep_heads: bool = False,
+                         whitenings: list[WhiteningHead] | None = None
                          ) -> tuple[list[dict], list[torch.nn.Module]]:
     """`cross_validate`, and with `keep_heads` each fold's trained head(s) (without the
     whitening) as they were at the best epoch by the mean (`best_epoch`), on the CPU; []
-    without."""
-    trainers = [SeedTrainers(fold, head_config, config, progress, fold_number)
-                for fold_number, fold in enumerate(folds)]
+    without. `whitenings`: each fold's, where already fitted (else fitted under
+    --whitened-weight)."""
+    whitenings = whitenings or [None] * len(folds)
+    trainers = [SeedTrainers(fold, head_config, config, progress, fold_number, whitening)
+                for fold_number, (fold, whitening) in enumerate(zip(folds, whitenings,
+                                                                    strict=True))]
     history, kept = [], []
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -304,11 +310,12 @@ def cross_validate_heads(folds: list[Fold], head_config: HeadConfig, config: Tra
 
 
 def train_single_split(fold: Fold, head_config: HeadConfig, config: TrainConfig,
-                       on_epoch: Callable[[int, dict], None]
+                       on_epoch: Callable[[int, dict], None],
+                       whitening: WhiteningHead | None = None
                        ) -> tuple[list[dict], torch.nn.Module]:
     """Train on one split; returns each epoch's record and the head of the best epoch (of the
-    last, without validation)."""
-    trainer = SeedTrainers(fold, head_config, config)
+    last, without validation). `whitening`: the split's, where already fitted."""
+    trainer = SeedTrainers(fold, head_config, config, whitening=whitening)
     history, kept = [], None
     for number in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -381,8 +388,14 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
     logger.info("config %s", json.dumps(asdict(config)))
     prepared = prepare(caches, config, data, device, infos)
     folds, head_config = prepared.folds, prepared.head_config(config)
-    baseline = (summarize([frozen_baseline(f, config) | whitened_baseline(f, config)
-                           for f in folds]) if len(folds[0].val_truth) else None)
+    # the baseline's whitening of each fold is the one --whitened-weight fuses: fitted once
+    whitenings, baseline = [None] * len(folds), None
+    if len(folds[0].val_truth):
+        records = []
+        for number, fold in enumerate(folds):
+            whitenings[number], whitened = whitened_baseline(fold, config)
+            records.append(frozen_baseline(fold, config) | whitened)
+        baseline = summarize(records)
     if baseline:
         for line, figures in zip(("frozen trunk (pooled, cosine)",
                                   "frozen trunk PCA-whitened (head.whiten)"),
@@ -402,12 +415,14 @@ def main(cache: str | Path | list[str | Path], name: str | None = None,
         log_epoch = epoch_log(work / "metrics.jsonl")
         if config.folds:
             history, fold_heads = cross_validate_heads(folds, head_config, config, log_epoch,
-                                                       keep_heads=config.keep_fold_heads)
+                                                       keep_heads=config.keep_fold_heads,
+                                                       whitenings=whitenings)
             best = best_epoch(history, config)
             head = train_final_head(prepared.pairs, head_config, config, best["epoch"],
                                     fold_heads)
         else:
-            history, head = train_single_split(folds[0], head_config, config, log_epoch)
+            history, head = train_single_split(folds[0], head_config, config, log_epoch,
+                                               whitenings[0])
             best = best_epoch(history, config)
         save_checkpoint(work / "head.pt", head, best_epoch=best["epoch"],
                         metrics=figures_only(best), caches=[asdict(info) for info in infos],

@@ -168,10 +168,13 @@ def score_whitening(fold: Fold, config: TrainConfig, components: int | None = No
                           config.assign, config.assign_temperature)
 
 
-def whitened_baseline(fold: Fold, config: TrainConfig) -> dict[str, float]:
+def whitened_baseline(fold: Fold, config: TrainConfig
+                      ) -> tuple[WhiteningHead, dict[str, float]]:
     """The frozen baseline's second line in head.train: `score_whitening` with the default
-    components, each figure named `whitened_<figure>`."""
-    return {f"whitened_{k}": v for k, v in score_whitening(fold, config)[1].items()}
+    components, each figure named `whitened_<figure>`; with the whitening, which
+    --whitened-weight fuses with the fold's head."""
+    head, figures = score_whitening(fold, config)
+    return head, {f"whitened_{k}": v for k, v in figures.items()}
 
 
 def main(cache: str | Path | list[str | Path], name: str | None = None,

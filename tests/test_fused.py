@@ -16,6 +16,8 @@ from conftest import TRAIN_SETTINGS, check_submission, invoke_cli
 from test_ensemble import SHAPES, TinyTrunk, cosines, ensemble_of_three, trained_looking_heads
 
 from extract.cache import read_info
+from head import train as head_train
+from head import whiten as head_whiten
 from head.config import TrainConfig
 from head.export import build_network, describe
 from head.export import main as export
@@ -127,12 +129,38 @@ RUN_SETTINGS = {**TRAIN_SETTINGS, "epochs": 2, "folds": 2, "keep_fold_heads": Tr
 
 
 @pytest.fixture(scope="module")
-def fused_run(train_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fused_run_and_fits(train_cache: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> tuple[Path, list[int]]:
     """2-fold, 2 epochs, the folds' heads kept, fused with the whitening at 0.25: a Fused of an
     ensemble of 3 heads (the final one and the 2 folds') and the whitening of every train
-    pair; read-only."""
-    return train(train_cache, name="fused", runs_dir=tmp_path_factory.mktemp("runs"),
-                 **RUN_SETTINGS)
+    pair; read-only. And the number of images each whitening fitted in the run was fitted on."""
+    fits = []
+
+    def counted(features, rows, components=None):
+        fits.append(len(rows))
+        return fit_whitening(features, rows, components)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(head_whiten, "fit_whitening", counted)
+        patch.setattr(head_train, "fit_whitening", counted)
+        run = train(train_cache, name="fused", runs_dir=tmp_path_factory.mktemp("runs"),
+                    **RUN_SETTINGS)
+    return run, fits
+
+
+@pytest.fixture(scope="module")
+def fused_run(fused_run_and_fits: tuple[Path, list[int]]) -> Path:
+    return fused_run_and_fits[0]
+
+
+def test_each_whitening_is_fitted_once(fused_run_and_fits: tuple[Path, list[int]],
+                                       train_cache: Path) -> None:
+    """The baseline's whitening of each fold is the one fused with its head (not fitted again),
+    then the final head's, on every train pair."""
+    pairs = load_pairs([train_cache], [read_info(train_cache)], None, torch.device("cpu"))
+    config = TrainConfig(caches=(str(train_cache),), name="x", **RUN_SETTINGS)
+    expected = [len(training_rows(fold)) for fold in validation_folds(pairs, config)]
+    assert fused_run_and_fits[1] == [*expected, len(training_rows(all_pairs_fold(pairs)))]
 
 
 def test_a_fused_runs_figures_are_the_fused_models(fused_run: Path, train_cache: Path) -> None:
