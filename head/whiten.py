@@ -112,7 +112,9 @@ def fit_whitening(features: list[torch.Tensor], rows: torch.Tensor,
     mean), fewer where the rest carry no variance (identical images)."""
     from sklearn.decomposition import PCA
 
-    x = pooled_views(features, rows).mean(dim=1).double().cpu().numpy()  # (n, W)
+    x = torch.cat([pooled_views(features, block).mean(dim=1)  # views averaged block by block:
+                   for block in pooling_blocks(rows, features)])  # (n, W), never (n, V, W)
+    x = x.double().cpu().numpy()
     wanted = min(components or DEFAULT_COMPONENTS, len(x) - 1, x.shape[1])
     if wanted < 1:
         raise UserError(f"whitening needs at least 2 training images, got {len(x)}")
