@@ -207,8 +207,9 @@ def main(cache: str | Path | list[str | Path], trials: int = 40, folds: int = 5,
     space = search_space(list(params))
     check_space(space, fixed)  # before any trial, so that no trial fails on a value
     infos = read_caches(caches)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{runs_dir / 'sweeps.db'}"
+    if storage is None:
+        runs_dir.mkdir(parents=True, exist_ok=True)  # the default storage's folder
+        storage = f"sqlite:///{runs_dir / 'sweeps.db'}"
     the_study = _open_study(study_name, storage, infos, fixed, space, sampler_seed)
     figure = selection_figure(TrainConfig(**fixed))
 
@@ -404,15 +405,16 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict, space: dict[s
 
 
 def _check_sqlite_folder(storage: str) -> None:
-    """A sqlite file's folder must exist (sqlite would say only "unable to open database
-    file"); it is not created, in case the URL is mistyped."""
+    """The storage must be a URL, and a sqlite file's folder must exist (sqlite would say only
+    "unable to open database file"); it is not created, in case the URL is mistyped."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         url = make_url(storage)
-    except ArgumentError:  # not a URL: Optuna says so
-        return
+    except ArgumentError:  # said now: Optuna would retry it for seconds first
+        raise UserError(f"--storage {storage!r} is not a database URL: give one like "
+                        "sqlite:///runs/sweeps.db") from None
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         folder = Path(url.database).parent
         if not folder.is_dir():

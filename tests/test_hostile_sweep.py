@@ -88,6 +88,15 @@ def sqlite_in_missing_folder(w: World) -> list:
     return _sweep(w, "--storage", f"sqlite:///{w.tmp / 'missing' / 'studies.db'}")
 
 
+def storage_not_a_url(w: World) -> list:
+    return _sweep(w, "--storage", str(w.tmp / "studies.db"))
+
+
+def _no_database(w: World) -> None:
+    _no_study(w)
+    assert not (w.tmp / "studies.db").exists()
+
+
 def _nothing_created(w: World) -> None:
     assert not (w.tmp / "missing").exists()
 
@@ -202,6 +211,10 @@ CASES: dict[str, Case] = {
         sqlite_in_missing_folder, 1,
         ("--storage sqlite:///{tmp}/missing/studies.db", "the folder {tmp}/missing",
          "does not exist", "create it"), then=_nothing_created),
+    "sweep --storage a path, not a URL": Case(
+        storage_not_a_url, 1,
+        ("--storage '{tmp}/studies.db' is not a database URL", "sqlite:///"),
+        then=_no_database),
     "sweep --study ../x": Case(
         lambda w: _sweep(w, "--study", "../x"), 1,
         ("--study '../x' is not a plain folder name", "path separator"), then=_no_study),

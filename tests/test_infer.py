@@ -407,7 +407,7 @@ def test_unreadable_image_is_named(model: Path, dataset_copy: Path, tmp_path: Pa
     image.write_bytes(image.read_bytes()[:300])  # truncated
     out = tmp_path / "out" / "submission.csv"
     result = invoke("--onnx", model, "--data", dataset_copy, "--out", out, "--device", "cpu")
-    assert_refused(result, f"{image}: cannot read image")
+    assert_refused(result, f"{image}: cannot read image", "replace it with a readable copy")
     assert not out.parent.exists() or written(out.parent) == []
 
 

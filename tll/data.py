@@ -259,7 +259,8 @@ def load_image(path: str | Path, size: tuple[int, int] = DEFAULT_INPUT_SIZE,
     except Image.DecompressionBombError as error:
         raise DataError(f"{path}: too large to decode safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from None
+        raise DataError(f"{path}: cannot read image ({error}); replace it with a readable copy "
+                        "of the picture and rerun") from None
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), resample)
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
