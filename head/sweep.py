@@ -265,8 +265,6 @@ def run_trials(study: optuna.Study, study_name: str, storage: str, caches: list[
         return best[figure]
 
     ran: list[optuna.trial.FrozenTrial] = []  # this process's trials, as they end
-    # errors only: a failed trial is logged by _log_trial with its reason, not a traceback
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study.optimize(objective, n_trials=trials, timeout=timeout, catch=(UserError,),
                    callbacks=[_log_trial, lambda _, trial: ran.append(trial)],
                    show_progress_bar=progress)
@@ -349,6 +347,9 @@ def _open_study(name: str, storage: str, infos: list, fixed: dict, space: dict[s
     """The study, created or resumed; refused if it was started on another cache, setting or
     search space."""
     _check_sqlite_folder(storage)
+    # Optuna's errors only: the sweep logs a resumed study and each trial (a failed one with its
+    # reason, not a traceback) itself
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             # a killed worker's trial is failed once its heartbeat is older than the grace

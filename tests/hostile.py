@@ -21,10 +21,11 @@ from extract.synth import cli as synth_cli
 from head.export import cli as export_cli
 from head.sweep import cli as sweep_cli
 from head.train import cli as train_cli
+from head.whiten import cli as whiten_cli
 from infer.predict import cli as infer_cli
 
 COMMANDS = {"extract": extract_cli, "train": train_cli, "export": export_cli,
-            "infer": infer_cli, "synth": synth_cli, "sweep": sweep_cli}
+            "infer": infer_cli, "synth": synth_cli, "sweep": sweep_cli, "whiten": whiten_cli}
 SMALL = ["--input-size", "32", "32", "--device", "cpu", "--workers", "0"]
 TEMPORARY = re.compile(r"^\..*\.tmp$")
 

@@ -63,6 +63,17 @@ def name_reused(w: World) -> list:
     return _train(w, "--name", "mine")
 
 
+def whiten_reuses_a_name(w: World) -> list:
+    name_reused(w)
+    return ["whiten", "--cache", w.fixture("train_cache"), "--runs-dir", w.tmp / "runs",
+            "--name", "mine", "--device", "cpu"]
+
+
+def whiten_too_many_components(w: World) -> list:
+    return ["whiten", "--cache", w.fixture("train_cache"), "--runs-dir", w.tmp / "runs",
+            "--name", "w", "--device", "cpu", "--components", "100000"]
+
+
 def name_with_slash(w: World) -> list:
     return _train(w, "--name", "a/b")
 
@@ -501,6 +512,10 @@ def model_input_size_differs_from_graph(w: World) -> list:
 CASES: dict[str, Case] = {
     "train --name ..": Case(name_dot_dot, 1, ("--name '..'", "plain folder name")),
     "train --name .": Case(name_dot, 1, ("--name '.'", "plain folder name")),
+    "whiten reuses a name": Case(whiten_reuses_a_name, 1,
+                                 ("{tmp}/runs/mine exists", "--overwrite")),
+    "whiten --components 100000": Case(whiten_too_many_components, 0,
+                                       ("--components 100000", "span at most")),
     "train --name a/b": Case(name_with_slash, 1, ("--name 'a/b'", "path separator")),
     "train reuses a name": Case(name_reused, 1, ("{tmp}/runs/mine exists", "--overwrite")),
     "train --overwrite replaces only that run": Case(name_reused_with_overwrite, 0,
