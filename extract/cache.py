@@ -557,6 +557,12 @@ def _open_complete(path: Path, check_name: bool = True) -> h5py.File:
 CHUNK_CACHE_BYTES = 64 << 20
 
 
+def _stamp(fd: int) -> tuple[int, int]:
+    """What changes when a file is written: its size and modification time."""
+    status = os.fstat(fd)
+    return status.st_size, status.st_mtime_ns
+
+
 class FeatureRows:
     """The features of `keys` (in their order) in each of `views` of a complete cache, read on
     demand and never loaded whole: `read(positions, view)` gives (n, *feature_shape) float16
@@ -585,6 +591,7 @@ class FeatureRows:
                              for view in views}
         self._fd = os.open(self.path, os.O_RDONLY)
         self._closed = weakref.finalize(self, os.close, self._fd)
+        self._stamp = _stamp(self._fd)
         self._handles = threading.local()  # a chunked view's h5py file, one per thread
 
     def read(self, positions: np.ndarray, view: str = "identity") -> np.ndarray:
@@ -592,6 +599,9 @@ class FeatureRows:
         rows = self.rows[positions]  # (n,) rows of the file
         out = np.empty((len(rows), *self.feature_shape), dtype=FEATURE_DTYPE)
         offset = self._offsets[view]
+        if _stamp(self._fd) != self._stamp:  # tll never writes a finished cache in place
+            raise CacheError(f"{self.path} was changed while it was being read (written in "
+                             "place by another program?): rerun once nothing writes it")
         try:
             if offset is not None:
                 flat = out.reshape(len(rows), self.row_bytes // out.itemsize).view(np.uint8)

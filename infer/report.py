@@ -185,13 +185,21 @@ def write_report_page(path: str | Path, summary: dict[str, str], queries: list[Q
     return write_text(Path(path), lambda f: f.write(page))
 
 
+def _thousandths(grid: np.ndarray, rest: float) -> tuple[list[int], int]:
+    """A grid's cell parts (pool, pool) and its rest in thousandths, the rest taking up the
+    cells' rounding: they sum to the cosine rounded, the figure the page writes beside it."""
+    cells = np.rint(1000 * grid).astype(int).ravel()  # (pool * pool,)
+    return cells.tolist(), int(np.rint(1000 * (grid.sum() + rest))) - int(cells.sum())
+
+
 def page_maps(maps: ImageMaps, queries: list[Query], keys: list[str], order: np.ndarray,
               truth: np.ndarray | None) -> dict:
     """What the page's script paints, as JSON-ready integers: "attention", per thumbnail (in
     `keys` order) [h, w, its weights in hundredths, row by row], or None where the model has no
     spatial attention; "pool", the side of the cell grid; "pairs", per query, for each shown
     candidate k (`order` (Q, SHOWN), and the truth): [the query's pool x pool cell parts of
-    its cosine with k, k's parts of it, the query's rest, k's rest], in thousandths."""
+    its cosine with k, k's parts of it, the query's rest, k's rest], in thousandths, each
+    side's summing to the cosine rounded."""
     attention = None
     if maps.attention is not None:
         attention = []
@@ -209,8 +217,9 @@ def page_maps(maps: ImageMaps, queries: list[Query], keys: list[str], order: np.
                                                    maps.pool)
             right_grid, right_rest = similarity_grid(right, left.sum(axis=0), maps.terms,
                                                      maps.pool)
-            parts = [*left_grid.ravel(), *right_grid.ravel(), left_rest, right_rest]
-            row[k] = np.rint(1000 * np.array(parts)).astype(int).tolist()
+            left_cells, left_rest = _thousandths(left_grid, left_rest)
+            right_cells, right_rest = _thousandths(right_grid, right_rest)
+            row[k] = [*left_cells, *right_cells, left_rest, right_rest]
         pairs.append(row)
     return {"attention": attention, "pool": maps.pool, "pairs": pairs}
 

@@ -93,9 +93,10 @@ def test_test_page_keeps_the_file_order(synthetic: Path, tmp_path: Path) -> None
 
 
 def test_page_maps_split_each_shown_pairs_cosine(val_page) -> None:
-    """The numbers the page paints: each shown pair's cell parts and rests sum to its cosine
-    (to the thousandths they are written in), each side's parts are `similarity_grid`'s, and
-    the attention is every shown image's, in hundredths."""
+    """The numbers the page paints: each shown pair's cell parts and rest sum to its cosine
+    rounded to the thousandths the page writes (the rest takes up the cells' rounding), each
+    side's parts are `similarity_grid`'s, and the attention is every shown image's, in
+    hundredths."""
     _, made = val_page
     queries, maps, truth = made["queries"], made["maps"], made["truth"]
     order = np.argsort(-made["assigned"], axis=1, kind="stable")[:, :SHOWN]
@@ -109,12 +110,12 @@ def test_page_maps_split_each_shown_pairs_cosine(val_page) -> None:
         assert set(numbers["pairs"][q]) == {*order[q].tolist(), int(truth[q])}
         for k, parts in numbers["pairs"][q].items():
             left, right = maps.embedding(query.left), maps.embedding(query.candidates[k])
-            cosine = 1000 * left @ right
-            assert abs(sum(parts[:4]) + parts[8] - cosine) <= 3  # 5 roundings of 0.5 at most
-            assert abs(sum(parts[4:8]) + parts[9] - cosine) <= 3
+            cosine = round(1000 * left @ right)
+            assert sum(parts[:4]) + parts[8] == cosine
+            assert sum(parts[4:8]) + parts[9] == cosine
             grid, rest = similarity_grid(maps.cells[maps.row[query.left]], right, TERMS, 2)
             assert parts[:4] == np.rint(1000 * grid.ravel()).tolist()
-            assert parts[8] == round(1000 * rest)
+            assert abs(parts[8] - 1000 * rest) <= 3  # its own rounding and the 4 cells' at most
 
 
 def test_similarity_grid_adds_the_cells_of_every_map_input() -> None:

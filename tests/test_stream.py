@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -96,6 +97,18 @@ def test_a_size_without_a_unit_it_knows_is_refused(text: str) -> None:
         ByteSize().convert(text, None, None)
 
 
+def test_a_size_too_large_for_a_float_is_refused() -> None:
+    with pytest.raises(click.BadParameter, match="is too large a size"):
+        ByteSize().convert("9" * 400 + "GiB", None, None)
+
+
+@pytest.mark.parametrize(("size", "text"), [
+    (11.24 * (1 << 30), "11.2 GiB"), (2048 * (1 << 30), "2048.0 GiB"), (480 << 20, "480 MiB"),
+    (2.3 * (1 << 20), "2.3 MiB"), (2 << 20, "2.0 MiB"), (56 << 10, "56.0 KiB"), (100, "100 B")])
+def test_sizes_are_written_with_a_decimal_below_100_of_a_unit(size: float, text: str) -> None:
+    assert format_bytes(size) == text
+
+
 @pytest.mark.parametrize("text", ["8", "1000000", "0.5"])
 def test_a_size_other_than_0_needs_its_unit(text: str) -> None:
     with pytest.raises(click.BadParameter, match=f"'{text}' has no unit: write e.g. {text}GiB"):
@@ -144,14 +157,25 @@ def test_feature_rows_read_any_order_with_repeats(small_cache: Path, tmp_path: P
         rows.close()
 
 
-def test_a_truncated_cache_is_named_when_streamed(small_cache: Path, tmp_path: Path) -> None:
-    damaged = tmp_path / "damaged.h5"
-    damaged.write_bytes(small_cache.read_bytes())
-    keys = read_keys(damaged)
-    rows = FeatureRows(damaged, keys, ("identity",))
-    with open(damaged, "r+b") as f:
-        f.truncate(rows._offsets["identity"] + 2 * rows.row_bytes + 7)
-    with pytest.raises(UserError, match=r"damaged\.h5 is damaged.*--overwrite"):
+@pytest.mark.parametrize("change", ["truncated", "rewritten in place"])
+def test_a_cache_changed_while_streamed_is_named(change: str, small_cache: Path,
+                                                 tmp_path: Path) -> None:
+    """Another program truncating the file, or writing other features into it at the same
+    places (its size unchanged), while a run streams from it: the next read says so, rather
+    than training on whatever the file now holds."""
+    changed = tmp_path / "changed.h5"
+    changed.write_bytes(small_cache.read_bytes())
+    keys = read_keys(changed)
+    rows = FeatureRows(changed, keys, ("identity",))
+    first = rows.read(np.array([4]), "identity")
+    time.sleep(0.05)  # past the clock tick that file modification times advance by
+    with open(changed, "r+b") as f:
+        if change == "truncated":
+            f.truncate(rows._offsets["identity"] + 2 * rows.row_bytes + 7)
+        else:
+            f.seek(rows._offsets["identity"] + 4 * rows.row_bytes)
+            f.write((first + 1).tobytes())
+    with pytest.raises(UserError, match=r"changed\.h5 was changed while it was being read"):
         rows.read(np.array([4]), "identity")
 
 

@@ -103,6 +103,8 @@ class ByteSize(click.ParamType):
         if unit is None:
             self.fail(f"{value!r} is not a size: give a number and a unit, e.g. 4GiB, 500MB or "
                       "8G (G, M, K: binary units)", param, ctx)
+        if not math.isfinite(float(match[1]) * unit):
+            self.fail(f"{value!r} is too large a size", param, ctx)
         if not match[2] and float(match[1]):
             self.fail(f"{value!r} has no unit: write e.g. {match[1]}GiB, {match[1]}MiB, or "
                       f"{match[1]}B for bytes", param, ctx)
@@ -110,10 +112,12 @@ class ByteSize(click.ParamType):
 
 
 def format_bytes(size: float) -> str:
-    """`size` bytes in words: 11.2 GiB, 480 MiB, 56 KiB, 100 B."""
+    """`size` bytes in words, a decimal below 100 of a unit (2.3 MiB and 2.0 MiB, not both
+    "2 MiB"): 11.2 GiB, 480 MiB, 2.3 MiB, 56.0 KiB, 100 B."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
-            return f"{size / scale:.1f} {unit}" if unit == "GiB" else f"{size / scale:.0f} {unit}"
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 100 or unit == "GiB" else f"{value:.0f} {unit}"
     return f"{size:.0f} B"
 
 
