@@ -647,8 +647,9 @@ def test_patience_stops_training_and_keeps_the_best_epoch(
 @pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16")
 @pytest.mark.parametrize("amp", [True, False])
 def test_amp_trains_in_bfloat16_and_validates_in_float32(amp: bool, train_cache: Path) -> None:
-    """--amp: the training steps' matrix products in bfloat16 on a CPU that has it natively;
-    validation (what the exported float32 model reproduces) in float32 either way."""
+    """--amp: the training steps' matrix products, and the maps through the map branch, in
+    bfloat16 on a CPU that has it natively; validation (what the exported float32 model
+    reproduces) in float32 either way."""
     config = _config(train_cache, epochs=1, amp=amp)
     fold = validation_folds(load_pairs([train_cache], [read_info(train_cache)], None,
                                        torch.device("cpu")), config)[0]
@@ -657,9 +658,13 @@ def test_amp_trains_in_bfloat16_and_validates_in_float32(amp: bool, train_cache:
     seen = []
     trainer.head.fc.register_forward_hook(
         lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    maps = []  # what the map branch's first layer, its batch norm, is given
+    trainer.head.branches[0][0].register_forward_hook(
+        lambda module, inputs, output: maps.append((module.training, inputs[0].dtype)))
     record = trainer.epoch(1)
     assert np.isfinite(record["loss"])
-    trained = {dtype for training, dtype in seen if training}
-    validated = {dtype for training, dtype in seen if not training}
-    assert trained == {torch.bfloat16 if amp else torch.float32}
-    assert validated == {torch.float32}
+    for hooked in (seen, maps):
+        trained = {dtype for training, dtype in hooked if training}
+        validated = {dtype for training, dtype in hooked if not training}
+        assert trained == {torch.bfloat16 if amp else torch.float32}
+        assert validated == {torch.float32}
