@@ -136,7 +136,7 @@ def train_epoch(head: Head, optimizer: torch.optim.Optimizer, fold: Fold,
     for number, (batch, (left_view, right_view)) in enumerate(zip(bar, drawn, strict=True),
                                                               start=1):
         lefts, rights = fold.train_left[batch], fold.train_right[batch]
-        # float16 as cached: the head makes float32 channels-last maps in one copy
+        # float16 as cached: the head makes channels-last maps in one copy (bfloat16 under --amp)
         with training_autocast(device, config.amp):
             anchors = head(*[f[lefts, left_view] for f in fold.features])  # (B, D)
             positives = head(*[f[rights, right_view] for f in fold.features])  # (B, D)
