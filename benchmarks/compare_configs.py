@@ -335,16 +335,17 @@ def whiten_fusion(named: tuple[str, ...], weights: tuple[float, ...], folds: int
     click.echo("\n".join(lines))
 
 
-def kept_epoch_folds(run: Path) -> tuple[dict, dict, list[dict]]:
-    """A finished k-fold run's config (config.json's), its kept epoch's summary and that epoch's
-    per-fold figures (metrics.jsonl)."""
+def kept_epoch_folds(run: Path) -> tuple[dict, dict, list[dict], float]:
+    """A finished k-fold run's config (config.json's), its kept epoch's summary, that epoch's
+    per-fold figures and the seconds its epochs took (metrics.jsonl)."""
     summary = json.loads((run / "config.json").read_text())
     config, best = summary["config"], summary["best"]
     if not config.get("folds"):
         raise click.UsageError(f"{run} was not trained with --folds: no per-fold figures")
     with open(run / "metrics.jsonl") as lines:
-        epoch = next(r for r in map(json.loads, lines) if r["epoch"] == best["epoch"])
-    return config, best, epoch["folds"]
+        history = [json.loads(line) for line in lines]
+    epoch = next(r for r in history if r["epoch"] == best["epoch"])
+    return config, best, epoch["folds"], sum(r["seconds"] for r in history)
 
 
 @cli.command("runs")
@@ -358,7 +359,7 @@ def compare_runs(runs: tuple[Path, ...]) -> None:
     same = ("caches", "folds", "split_seed")
     first = read[0][0]
     figure = selection_figure(TrainConfig(**first))
-    for run, (config, _, _) in zip(runs, read, strict=True):
+    for run, (config, *_) in zip(runs, read, strict=True):
         if any(config[key] != first[key] for key in same):
             raise click.UsageError(f"{run} was not validated on {runs[0]}'s folds (the same "
                                    f"{', '.join(same)} are needed)")
@@ -368,10 +369,8 @@ def compare_runs(runs: tuple[Path, ...]) -> None:
     click.echo(f"| run | top-2, assigned | top-2, plain | {figure} - {runs[0].name}'s, paired "
                "| epoch | seconds (folds) |")
     click.echo("|---|---|---|---|---|---|")
-    for run, (_, best, folds) in zip(runs, read, strict=True):
+    for run, (_, best, folds, seconds) in zip(runs, read, strict=True):
         difference = "-" if run == runs[0] else paired([f[figure] for f in folds], baseline)
-        with open(run / "metrics.jsonl") as lines:
-            seconds = sum(r["seconds"] for r in map(json.loads, lines))
         click.echo(f"| {run.name} | {cells(best)} | {difference} | {best['epoch']} | "
                    f"{seconds:.0f} |")
 

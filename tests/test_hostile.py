@@ -63,15 +63,18 @@ def name_reused(w: World) -> list:
     return _train(w, "--name", "mine")
 
 
+def _whiten(w: World, *extra) -> list:
+    return ["whiten", "--cache", w.fixture("train_cache"), "--runs-dir", w.tmp / "runs",
+            "--device", "cpu", *extra]
+
+
 def whiten_reuses_a_name(w: World) -> list:
     name_reused(w)
-    return ["whiten", "--cache", w.fixture("train_cache"), "--runs-dir", w.tmp / "runs",
-            "--name", "mine", "--device", "cpu"]
+    return _whiten(w, "--name", "mine")
 
 
 def whiten_too_many_components(w: World) -> list:
-    return ["whiten", "--cache", w.fixture("train_cache"), "--runs-dir", w.tmp / "runs",
-            "--name", "w", "--device", "cpu", "--components", "100000"]
+    return _whiten(w, "--name", "w", "--components", "100000")
 
 
 def name_with_slash(w: World) -> list:
@@ -512,12 +515,12 @@ def model_input_size_differs_from_graph(w: World) -> list:
 CASES: dict[str, Case] = {
     "train --name ..": Case(name_dot_dot, 1, ("--name '..'", "plain folder name")),
     "train --name .": Case(name_dot, 1, ("--name '.'", "plain folder name")),
+    "train --name a/b": Case(name_with_slash, 1, ("--name 'a/b'", "path separator")),
+    "train reuses a name": Case(name_reused, 1, ("{tmp}/runs/mine exists", "--overwrite")),
     "whiten reuses a name": Case(whiten_reuses_a_name, 1,
                                  ("{tmp}/runs/mine exists", "--overwrite")),
     "whiten --components 100000": Case(whiten_too_many_components, 0,
                                        ("--components 100000", "span at most")),
-    "train --name a/b": Case(name_with_slash, 1, ("--name 'a/b'", "path separator")),
-    "train reuses a name": Case(name_reused, 1, ("{tmp}/runs/mine exists", "--overwrite")),
     "train --overwrite replaces only that run": Case(name_reused_with_overwrite, 0,
                                                      then=_replaced_run),
     "train cleans a killed run's leftovers": Case(leftovers_of_a_killed_run, 0,

@@ -157,6 +157,19 @@ def test_feature_rows_read_any_order_with_repeats(small_cache: Path, tmp_path: P
         rows.close()
 
 
+def test_a_read_error_names_the_cache_as_damaged(small_cache: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = FeatureRows(small_cache, read_keys(small_cache), ("identity",))
+
+    def failing(*_):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(UserError, match=r"small\.h5 is damaged \(.*Input/output error\); "
+                                        r"rebuild it with .*--overwrite"):
+        rows.read(np.array([4]), "identity")
+
+
 @pytest.mark.parametrize("change", ["truncated", "rewritten in place"])
 def test_a_cache_changed_while_streamed_is_named(change: str, small_cache: Path,
                                                  tmp_path: Path) -> None:

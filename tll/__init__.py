@@ -103,12 +103,13 @@ class ByteSize(click.ParamType):
         if unit is None:
             self.fail(f"{value!r} is not a size: give a number and a unit, e.g. 4GiB, 500MB or "
                       "8G (G, M, K: binary units)", param, ctx)
-        if not math.isfinite(float(match[1]) * unit):
+        number, written = float(match[1]), match[1]
+        if not math.isfinite(number * unit):
             self.fail(f"{value!r} is too large a size", param, ctx)
-        if not match[2] and float(match[1]):
-            self.fail(f"{value!r} has no unit: write e.g. {match[1]}GiB, {match[1]}MiB, or "
-                      f"{match[1]}B for bytes", param, ctx)
-        return int(float(match[1]) * unit)
+        if not match[2] and number:
+            self.fail(f"{value!r} has no unit: write e.g. {written}GiB, {written}MiB, or "
+                      f"{written}B for bytes", param, ctx)
+        return int(number * unit)
 
 
 def format_bytes(size: float) -> str:
